@@ -1,0 +1,133 @@
+"""`explain`: the per-leaf plan, shown before training."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from optax_gc._src import rules as rules_lib
+from optax_gc._src.paths import path_string
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One leaf of a :class:`Plan`."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  axes: tuple[int, ...] | None
+  decided_by: str
+  rule: rules_lib.Rule | None = dataclasses.field(default=None, repr=False, compare=False)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Plan:
+  """What GC does to each leaf of a tree; ``str(plan)`` is a table.
+
+  Index a plan by path (``plan["params/Dense_0/kernel"].axes``) or iterate over
+  its rows. ``unmatched`` lists the floating leaves with 2 or more dimensions
+  that no rule decided; ``unused_rules`` the user rules that decided no leaf.
+  """
+
+  rows: tuple[Row, ...]
+  rules: tuple[rules_lib.Rule, ...]
+
+  def __iter__(self):
+    return iter(self.rows)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, path: str) -> Row:
+    for row in self.rows:
+      if row.path == path:
+        return row
+    raise KeyError(f"No leaf with path {path!r}; paths are: {[r.path for r in self.rows]}")
+
+  @property
+  def unmatched(self) -> tuple[Row, ...]:
+    return tuple(
+        r
+        for r in self.rows
+        if r.rule is None
+        and r.size > 0
+        and np.issubdtype(r.dtype, np.floating)
+        and len(r.shape) >= 2
+    )
+
+  @property
+  def unused_rules(self) -> tuple[rules_lib.Rule, ...]:
+    used = {r.rule for r in self.rows}
+    return tuple(rule for rule in self.rules if rule.user and rule not in used)
+
+  def __str__(self) -> str:
+    header = ("path", "shape", "dtype", "axes", "decided by")
+    cells = [header] + [
+        (
+            r.path or "<root>",
+            str(r.shape),
+            str(r.dtype),
+            "-" if r.axes is None else str(r.axes),
+            r.decided_by,
+        )
+        for r in self.rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in cells]
+    centred = [r for r in self.rows if r.axes is not None]
+    size = sum(r.size for r in centred)
+    lines.append(
+        f"{len(self.rows)} leaves: {len(centred)} centred ({size:,} parameters), "
+        f"{len(self.rows) - len(centred)} unchanged"
+    )
+    return "\n".join(lines)
+
+  __repr__ = __str__
+
+
+def make_plan(tree, rules: tuple[rules_lib.Rule, ...]) -> Plan:
+  """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx Variables)."""
+  rows = []
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path = path_string(keypath)
+    shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
+    decision = rules_lib.decide(path, shape, dtype, rules)
+    rows.append(Row(path, shape, dtype, decision.axes, decision.reason, decision.rule))
+  return Plan(tuple(rows), rules)
+
+
+def explain(tree, rules: rules_lib.RulesLike = (), *, preset: str | None = "flax") -> Plan:
+  """Shows, for every leaf of ``tree``, which axes GC averages over and why.
+
+  ``centralize`` decides each leaf through the same function, so the plan is
+  exactly what training will do. Leaves may be arrays or
+  ``jax.ShapeDtypeStruct``, so a model can be planned through
+  ``jax.eval_shape`` without allocating it.
+
+  Args:
+    tree: a pytree of parameters or gradients (or their shapes).
+    rules: ordered ``(pattern, axes)`` pairs, tried before the preset's rules.
+    preset: ``"flax"``, ``"torch"`` or None, as in :func:`optax_gc.centralize`.
+
+  Returns:
+    A :class:`Plan`; ``print(plan)`` shows a table, ``plan[path].axes`` one leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_gc
+    >>> params = {"Dense_0": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
+    ...           "Embed_0": {"embedding": jnp.zeros((10, 4))}}
+    >>> print(optax_gc.explain(params))
+    path               shape    dtype    axes  decided by
+    Dense_0/bias       (4,)     float32  -     flax: bias
+    Dense_0/kernel     (3, 4)   float32  (0,)  flax: (..., in, out) kernel
+    Embed_0/embedding  (10, 4)  float32  -     flax: embedding
+    3 leaves: 1 centred (12 parameters), 2 unchanged
+  """
+  return make_plan(tree, rules_lib.compile_rules(rules, preset))

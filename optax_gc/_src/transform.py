@@ -1,0 +1,209 @@
+"""Gradient Centralization as an optax transform: the per-leaf arithmetic."""
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_gc._src import rules as rules_lib
+from optax_gc._src.paths import path_string
+from optax_gc._src.plan import make_plan
+
+
+def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
+  """Returns ``g - strength * mean(g, axes)``, computed in float32 or wider.
+
+  The mean is ``sum(g * 2**-k) * (2**k / n)`` with ``2**k >= n``: scaling by a
+  power of two is exact, and the scaled sum cannot overflow, so a finite float32
+  input near 1e37 keeps a finite, accurate mean (``jnp.mean`` overflows there).
+  The difference is clipped to the leaf dtype's finite range, where the exact
+  result (up to twice the largest input) is not representable. The reduction
+  keeps dims and never reshapes, so a sharded leaf only adds an all-reduce.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> print(centre(jnp.array([[1.0, 4.0], [3.0, 0.0]]), (0,)))
+    [[-1.  2.]
+     [ 1. -2.]]
+  """
+  compute = jnp.promote_types(g.dtype, jnp.float32)
+  x = g.astype(compute)
+  n = math.prod(g.shape[a] for a in axes)
+  k = math.ceil(math.log2(n))
+  mean = jnp.sum(x * 2.0**-k, axis=axes, keepdims=True) * (2.0**k / n)
+  out = x - jnp.asarray(strength, compute) * mean
+  big = jnp.finfo(g.dtype).max
+  return jnp.clip(out, -big, big).astype(g.dtype)
+
+
+def _check_strength(strength) -> None:
+  if isinstance(strength, numbers.Real) and not 0.0 <= float(strength) <= 1.0:
+    raise ValueError(
+        f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
+        "identity. To ramp GC in, schedule it: "
+        "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
+    )
+
+
+def _check_tree(params, rules, strict: bool) -> None:
+  """The checks ``init`` runs: a flattened tree, and strict mode."""
+  leaves = jax.tree_util.tree_leaves(params)
+  if len(leaves) == 1 and leaves[0] is params and np.ndim(params) == 1:
+    raise ValueError(
+        f"centralize() was given a single 1-D array of shape {np.shape(params)} as the whole "
+        "tree. GC centres each neuron's fan-in, which a flat vector has lost, so it would do "
+        "nothing. If it comes from optax.flatten(...), put GC outside it: "
+        "optax.chain(optax_gc.centralize(), optax.flatten(optax.adam(1e-3)))."
+    )
+  if not strict:
+    return
+  plan = make_plan(params, rules)
+  problems = [
+      f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched
+  ] + [f"  {r.name} {r.pattern.pattern!r}: matched no leaf" for r in plan.unused_rules]
+  if problems:
+    raise ValueError(
+        "centralize(strict=True) found:\n"
+        + "\n".join(problems)
+        + "\nGive each listed leaf a rule (axes None leaves it unchanged) and fix or remove "
+        "each unused rule (a rule shadowed by an earlier one also counts as unused). "
+        "optax_gc.explain(params, rules, preset=...) shows every leaf's path and decision."
+    )
+
+
+def centralize(
+    rules: rules_lib.RulesLike = (),
+    *,
+    preset: str | None = "flax",
+    strength: float | jax.Array = 1.0,
+    strict: bool = False,
+) -> optax.GradientTransformation:
+  """Gradient Centralization: removes from each neuron's gradient its fan-in mean.
+
+  For every leaf, the axes to average over (the neuron's fan-in) are chosen by
+  ``rules``, then by the ``preset``; the first pattern that matches the leaf's
+  path wins. Each chosen leaf becomes ``g - strength * mean(g, axes)``. The
+  ``"flax"`` preset knows Flax and Haiku layouts: Dense and Conv kernels
+  ``(..., in, out)``, attention q/k/v ``(in, heads, head_dim)`` and output
+  ``(heads, head_dim, out)`` kernels; it leaves embeddings, biases, norm
+  parameters and leaves with fewer than 2 dimensions unchanged. Use
+  :func:`optax_gc.explain` to see the plan for a tree before training.
+
+  ``optax.centralize`` averages over every axis but the first (PyTorch's
+  layout), which on a Flax kernel is not GC; ``preset="torch"`` does that, with
+  embeddings, biases and norms left alone.
+
+  Put GC before the optimizer, never inside ``optax.flatten``: that hands the
+  transform one flat vector in which the neurons are lost (``init`` raises a
+  ``ValueError`` when it sees one).
+
+  Args:
+    rules: ordered ``(pattern, axes)`` pairs (or a dict), tried before the
+      preset's. ``pattern`` is a regular expression searched in the leaf's path
+      (``params/Conv_0/kernel``, ``layers/0/linear/kernel``; a trailing
+      ``value`` is dropped). ``axes``: a tuple of ints (negative ones count
+      from the end), ``"all_but_last"``, ``"all_but_first"``, or None to leave
+      the leaf unchanged.
+    preset: ``"flax"`` (also Haiku), ``"torch"`` (also Equinox), or None for
+      only your rules (unmatched leaves are unchanged).
+    strength: the fraction of the mean removed; 1.0 is the paper's GC, 0.0 the
+      identity. May be traced, so ``optax.inject_hyperparams`` can schedule it.
+    strict: if True, ``init`` raises ``ValueError`` listing every floating leaf
+      with 2 or more dimensions that no rule decided, and every user rule that
+      decided no leaf.
+
+  Returns:
+    A stateless :class:`optax.GradientTransformation`.
+
+  Raises:
+    ValueError: at construction for an invalid pattern, axes or preset; when
+      updating a leaf that lacks an axis its rule names (the message gives the
+      path, the shape and the rule).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_gc
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    >>> tx = optax.chain(optax_gc.centralize(), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = {"Dense_0": {"kernel": jnp.array([[1., 2.], [2., 4.], [3., 0.]]),
+    ...                      "bias": jnp.array([1., 1.])}}
+    >>> gc, _ = optax_gc.centralize().update(grads, optax.EmptyState())
+    >>> print(gc["Dense_0"]["kernel"])  # each output unit's column sums to zero
+    [[-1.  0.]
+     [ 0.  2.]
+     [ 1. -2.]]
+    >>> print(gc["Dense_0"]["bias"])
+    [1. 1.]
+
+  References:
+    Yong et al, `Gradient Centralization: A New Optimization Technique for Deep
+    Neural Networks <https://arxiv.org/abs/2004.01461>`_, 2020.
+  """
+  compiled = rules_lib.compile_rules(rules, preset)
+  _check_strength(strength)
+  if not isinstance(strict, bool):
+    raise ValueError(f"strict must be True or False, got {strict!r}.")
+
+  def init_fn(params):
+    _check_tree(params, compiled, strict)
+    return optax.EmptyState()
+
+  def leaf_fn(keypath, g):
+    shape, dtype = tuple(np.shape(g)), np.dtype(jnp.result_type(g))
+    axes = rules_lib.decide(path_string(keypath), shape, dtype, compiled).axes
+    return g if axes is None else centre(g, axes, strength)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(leaf_fn, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def with_centralization(
+    tx: optax.GradientTransformation,
+    rules: rules_lib.RulesLike = (),
+    *,
+    preset: str | None = "flax",
+    strength: float | jax.Array = 1.0,
+    strict: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Centralizes the gradients, then applies ``tx``, keeping ``tx``'s own state.
+
+  ``optax.chain(centralize(), tx)`` has state ``(EmptyState(), tx_state)``;
+  this wrapper's state is exactly ``tx_state``, so a checkpoint of the
+  optimizer state restores whether GC is switched on or off, and GC can be
+  switched on mid-training by restoring a plain ``tx`` checkpoint.
+
+  Args:
+    tx: the optimizer to wrap.
+    rules, preset, strength, strict: as in :func:`optax_gc.centralize`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is ``tx``'s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_gc
+    >>> params = {"kernel": jnp.ones((3, 2))}
+    >>> tx = optax_gc.with_centralization(optax.adam(1e-3))
+    >>> state = tx.init(params)
+    >>> jax.tree.structure(state) == jax.tree.structure(optax.adam(1e-3).init(params))
+    True
+  """
+  gc = centralize(rules, preset=preset, strength=strength, strict=strict)
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    gc.init(params)
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, _ = gc.update(updates, optax.EmptyState())
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
