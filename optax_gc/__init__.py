@@ -6,9 +6,9 @@ from optax_gc._src.transform import centralize, with_centralization
 __version__ = "0.1.0"
 
 __all__ = [
-    "Plan",
-    "Row",
-    "centralize",
-    "explain",
-    "with_centralization",
+  "Plan",
+  "Row",
+  "centralize",
+  "explain",
+  "with_centralization",
 ]

@@ -53,12 +53,9 @@ class Plan:
   @property
   def unmatched(self) -> tuple[Row, ...]:
     return tuple(
-        r
-        for r in self.rows
-        if r.rule is None
-        and r.size > 0
-        and np.issubdtype(r.dtype, np.floating)
-        and len(r.shape) >= 2
+      r
+      for r in self.rows
+      if r.rule is None and r.size > 0 and np.issubdtype(r.dtype, np.floating) and len(r.shape) >= 2
     )
 
   @property
@@ -69,22 +66,25 @@ class Plan:
   def __str__(self) -> str:
     header = ("path", "shape", "dtype", "axes", "decided by")
     cells = [header] + [
-        (
-            r.path or "<root>",
-            str(r.shape),
-            str(r.dtype),
-            "-" if r.axes is None else str(r.axes),
-            r.decided_by,
-        )
-        for r in self.rows
+      (
+        r.path or "<root>",
+        str(r.shape),
+        str(r.dtype),
+        "-" if r.axes is None else str(r.axes),
+        r.decided_by,
+      )
+      for r in self.rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in cells]
+    lines = [
+      "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+      for row in cells
+    ]
     centred = [r for r in self.rows if r.axes is not None]
     size = sum(r.size for r in centred)
     lines.append(
-        f"{len(self.rows)} leaves: {len(centred)} centred ({size:,} parameters), "
-        f"{len(self.rows) - len(centred)} unchanged"
+      f"{len(self.rows)} leaves: {len(centred)} centred ({size:,} parameters), "
+      f"{len(self.rows) - len(centred)} unchanged"
     )
     return "\n".join(lines)
 

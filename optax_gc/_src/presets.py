@@ -13,26 +13,26 @@ _BIAS = (r"(^|/)([^/]*bias|b)$", None, "bias", 0)
 _NORM = (r"(^|/)(scale|offset)$", None, "norm scale/offset", 0)
 
 PRESETS = {
-    # Flax linen and nnx, Haiku: kernels are (..., in, out).
-    "flax": (
-        _EMBEDDING,
-        _BIAS,
-        _NORM,
-        # (in, heads, head_dim): averaging across heads would mix neurons.
-        # The rank guard lets a 2-D Dense that happens to be named "query" fall
-        # through to the default, and keeps a stacked (L, in, heads, head_dim)
-        # kernel right, since -3 counts from the end.
-        (r"(^|/)(query|key|value)/kernel$", (-3,), "attention q/k/v kernel", 3),
-        (r"(^|/)out/kernel$", (-3, -2), "attention output kernel", 3),
-        (r"", "all_but_last", "(..., in, out) kernel", 0),
-    ),
-    # Equinox and weights kept in PyTorch layout: (out, in, *k).
-    "torch": (
-        (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding", 0),
-        _EMBEDDING,
-        _BIAS,
-        (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight", 0),
-        _NORM,
-        (r"", "all_but_first", "(out, in, ...) weight", 0),
-    ),
+  # Flax linen and nnx, Haiku: kernels are (..., in, out).
+  "flax": (
+    _EMBEDDING,
+    _BIAS,
+    _NORM,
+    # (in, heads, head_dim): averaging across heads would mix neurons.
+    # The rank guard lets a 2-D Dense that happens to be named "query" fall
+    # through to the default, and keeps a stacked (L, in, heads, head_dim)
+    # kernel right, since -3 counts from the end.
+    (r"(^|/)(query|key|value)/kernel$", (-3,), "attention q/k/v kernel", 3),
+    (r"(^|/)out/kernel$", (-3, -2), "attention output kernel", 3),
+    (r"", "all_but_last", "(..., in, out) kernel", 0),
+  ),
+  # Equinox and weights kept in PyTorch layout: (out, in, *k).
+  "torch": (
+    (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding", 0),
+    _EMBEDDING,
+    _BIAS,
+    (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight", 0),
+    _NORM,
+    (r"", "all_but_first", "(out, in, ...) weight", 0),
+  ),
 }

@@ -5,19 +5,19 @@ import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
 from optax_gc._src.presets import PRESETS
 
-Axes = Union[tuple[int, ...], Literal["all_but_last", "all_but_first"], None]
-RulesLike = Union[Mapping[str, Axes], Iterable[tuple[str, Axes]]]
+Axes = tuple[int, ...] | Literal["all_but_last", "all_but_first"] | None
+RulesLike = Mapping[str, Axes] | Iterable[tuple[str, Axes]]
 
 _NAMED_AXES = ("all_but_last", "all_but_first")
 _AXES_HELP = (
-    'axes must be a tuple of ints such as (-2,), "all_but_last", "all_but_first", '
-    "or None to leave the leaf unchanged"
+  'axes must be a tuple of ints such as (-2,), "all_but_last", "all_but_first", '
+  "or None to leave the leaf unchanged"
 )
 
 
@@ -49,9 +49,9 @@ def _check_axes(axes, where: str) -> Axes:
   if isinstance(axes, int) and not isinstance(axes, bool):
     raise ValueError(f"{where}: axes {axes!r} is a bare int; write a tuple: ({axes},).")
   if (
-      not isinstance(axes, tuple)
-      or not axes
-      or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+    not isinstance(axes, tuple)
+    or not axes
+    or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
   ):
     raise ValueError(f"{where}: invalid axes {axes!r}; {_AXES_HELP}.")
   return axes
@@ -61,15 +61,13 @@ def _compile_pattern(pattern, where: str) -> re.Pattern:
   if isinstance(pattern, re.Pattern):
     return pattern
   if not isinstance(pattern, str):
-    raise ValueError(
-        f"{where}: the pattern must be a regular expression string, got {pattern!r}."
-    )
+    raise ValueError(f"{where}: the pattern must be a regular expression string, got {pattern!r}.")
   try:
     return re.compile(pattern)
   except re.error as e:
     raise ValueError(
-        f"{where}: invalid regular expression {pattern!r} ({e}). Patterns are Python "
-        r"regular expressions matched with re.search, e.g. r'attn/out/kernel$'."
+      f"{where}: invalid regular expression {pattern!r} ({e}). Patterns are Python "
+      r"regular expressions matched with re.search, e.g. r'attn/out/kernel$'."
     ) from None
 
 
@@ -80,8 +78,8 @@ def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
     where = f"rules[{i}]"
     if not (isinstance(item, tuple) and len(item) == 2):
       raise ValueError(
-          f"{where} is {item!r}; each rule must be a (pattern, axes) pair, "
-          'e.g. (r"layers/.*/kernel$", (-2,)).'
+        f"{where} is {item!r}; each rule must be a (pattern, axes) pair, "
+        'e.g. (r"layers/.*/kernel$", (-2,)).'
       )
     pattern, axes = item
     regex = _compile_pattern(pattern, where)
@@ -105,19 +103,18 @@ def compile_rules(rules: RulesLike = (), preset: str | None = "flax") -> tuple[R
   """
   if preset is not None and preset not in PRESETS:
     raise ValueError(
-        f"Unknown preset {preset!r}; use one of {sorted(PRESETS)} or None "
-        "(only your own rules)."
+      f"Unknown preset {preset!r}; use one of {sorted(PRESETS)} or None (only your own rules)."
     )
   if isinstance(rules, (str, bytes)):
     raise ValueError(
-        f"rules is the string {rules!r}; pass a sequence of (pattern, axes) pairs, "
-        f"e.g. rules=[({rules!r}, (-2,))]."
+      f"rules is the string {rules!r}; pass a sequence of (pattern, axes) pairs, "
+      f"e.g. rules=[({rules!r}, (-2,))]."
     )
   if isinstance(rules, Mapping):
     rules = rules.items()
   items = tuple(
-      (item[0], _hashable(item[1])) if isinstance(item, (tuple, list)) and len(item) == 2 else item
-      for item in rules
+    (item[0], _hashable(item[1])) if isinstance(item, (tuple, list)) and len(item) == 2 else item
+    for item in rules
   )
   try:
     return _compile(items, preset)
@@ -134,15 +131,15 @@ def _resolve(rule: Rule, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   bad = [a for a in rule.axes if not -ndim <= a < ndim]
   if bad:
     raise ValueError(
-        f"Leaf {path!r} with shape {shape} has no axis {bad[0]} (asked by {rule.name} "
-        f"{rule.pattern.pattern!r} with axes {rule.axes}). Give that leaf a rule of its "
-        "own before this one, or anchor the pattern so it does not match it."
+      f"Leaf {path!r} with shape {shape} has no axis {bad[0]} (asked by {rule.name} "
+      f"{rule.pattern.pattern!r} with axes {rule.axes}). Give that leaf a rule of its "
+      "own before this one, or anchor the pattern so it does not match it."
     )
   axes = tuple(sorted({a % ndim for a in rule.axes}))
   if len(axes) != len(rule.axes):
     raise ValueError(
-        f"{rule.name} {rule.pattern.pattern!r}: axes {rule.axes} name the same axis twice "
-        f"for leaf {path!r} with shape {shape}; list each axis once."
+      f"{rule.name} {rule.pattern.pattern!r}: axes {rule.axes} name the same axis twice "
+      f"for leaf {path!r} with shape {shape}; list each axis once."
     )
   return axes
 

@@ -42,9 +42,9 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
 def _check_strength(strength) -> None:
   if isinstance(strength, numbers.Real) and not 0.0 <= float(strength) <= 1.0:
     raise ValueError(
-        f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
-        "identity. To ramp GC in, schedule it: "
-        "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
+      f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
+      "identity. To ramp GC in, schedule it: "
+      "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
     )
 
 
@@ -53,33 +53,33 @@ def _check_tree(params, rules, strict: bool) -> None:
   leaves = jax.tree_util.tree_leaves(params)
   if len(leaves) == 1 and leaves[0] is params and np.ndim(params) == 1:
     raise ValueError(
-        f"centralize() was given a single 1-D array of shape {np.shape(params)} as the whole "
-        "tree. GC centres each neuron's fan-in, which a flat vector has lost, so it would do "
-        "nothing. If it comes from optax.flatten(...), put GC outside it: "
-        "optax.chain(optax_gc.centralize(), optax.flatten(optax.adam(1e-3)))."
+      f"centralize() was given a single 1-D array of shape {np.shape(params)} as the whole "
+      "tree. GC centres each neuron's fan-in, which a flat vector has lost, so it would do "
+      "nothing. If it comes from optax.flatten(...), put GC outside it: "
+      "optax.chain(optax_gc.centralize(), optax.flatten(optax.adam(1e-3)))."
     )
   if not strict:
     return
   plan = make_plan(params, rules)
   problems = [
-      f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched
+    f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched
   ] + [f"  {r.name} {r.pattern.pattern!r}: matched no leaf" for r in plan.unused_rules]
   if problems:
     raise ValueError(
-        "centralize(strict=True) found:\n"
-        + "\n".join(problems)
-        + "\nGive each listed leaf a rule (axes None leaves it unchanged) and fix or remove "
-        "each unused rule (a rule shadowed by an earlier one also counts as unused). "
-        "optax_gc.explain(params, rules, preset=...) shows every leaf's path and decision."
+      "centralize(strict=True) found:\n"
+      + "\n".join(problems)
+      + "\nGive each listed leaf a rule (axes None leaves it unchanged) and fix or remove "
+      "each unused rule (a rule shadowed by an earlier one also counts as unused). "
+      "optax_gc.explain(params, rules, preset=...) shows every leaf's path and decision."
     )
 
 
 def centralize(
-    rules: rules_lib.RulesLike = (),
-    *,
-    preset: str | None = "flax",
-    strength: float | jax.Array = 1.0,
-    strict: bool = False,
+  rules: rules_lib.RulesLike = (),
+  *,
+  preset: str | None = "flax",
+  strength: float | jax.Array = 1.0,
+  strict: bool = False,
 ) -> optax.GradientTransformation:
   """Gradient Centralization: removes from each neuron's gradient its fan-in mean.
 
@@ -165,12 +165,12 @@ def centralize(
 
 
 def with_centralization(
-    tx: optax.GradientTransformation,
-    rules: rules_lib.RulesLike = (),
-    *,
-    preset: str | None = "flax",
-    strength: float | jax.Array = 1.0,
-    strict: bool = False,
+  tx: optax.GradientTransformation,
+  rules: rules_lib.RulesLike = (),
+  *,
+  preset: str | None = "flax",
+  strength: float | jax.Array = 1.0,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Centralizes the gradients, then applies ``tx``, keeping ``tx``'s own state.
 
