@@ -12,6 +12,17 @@ _EMBEDDING = (r"(^|/)[^/]*embeddings?$", None, "embedding", 0)
 _BIAS = (r"(^|/)([^/]*bias|b)$", None, "bias", 0)
 _NORM = (r"(^|/)(scale|offset)$", None, "norm scale/offset", 0)
 
+_TORCH_UNTOUCHED = (
+  (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding", 0),
+  _EMBEDDING,
+  _BIAS,
+  (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight", 0),
+  _NORM,
+)
+# The conv-only presets (the reference's "GCC") end with this: kernels of
+# fewer than 3 dimensions (Dense, Linear) stay unchanged.
+_NOT_CONV = (r"", None, "not a conv kernel", 0)
+
 PRESETS = {
   # Flax linen and nnx, Haiku: kernels are (..., in, out).
   "flax": (
@@ -27,12 +38,14 @@ PRESETS = {
     (r"", "all_but_last", "(..., in, out) kernel", 0),
   ),
   # Equinox and weights kept in PyTorch layout: (out, in, *k).
-  "torch": (
-    (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding", 0),
+  "torch": _TORCH_UNTOUCHED + ((r"", "all_but_first", "(out, in, ...) weight", 0),),
+  "flax_conv": (
     _EMBEDDING,
     _BIAS,
-    (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight", 0),
     _NORM,
-    (r"", "all_but_first", "(out, in, ...) weight", 0),
+    (r"(^|/)(query|key|value|out)/kernel$", None, "attention kernel, not conv", 3),
+    (r"", "all_but_last", "conv kernel", 3),
+    _NOT_CONV,
   ),
+  "torch_conv": _TORCH_UNTOUCHED + ((r"", "all_but_first", "conv weight", 3), _NOT_CONV),
 }

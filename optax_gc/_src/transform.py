@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,7 @@ def with_centralization(
   preset: str | None = "flax",
   strength: float | jax.Array = 1.0,
   strict: bool = False,
+  on: Literal["gradient", "update"] = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """Centralizes the gradients, then applies ``tx``, keeping ``tx``'s own state.
 
@@ -179,9 +181,14 @@ def with_centralization(
   optimizer state restores whether GC is switched on or off, and GC can be
   switched on mid-training by restoring a plain ``tx`` checkpoint.
 
+  With ``on="update"`` (the reference's "GC2") ``tx`` runs first and its final
+  update is centred instead: every neuron's fan-in mean of the weights then
+  stays exactly at its initial value, whatever ``tx`` is.
+
   Args:
     tx: the optimizer to wrap.
     rules, preset, strength, strict: as in :func:`optax_gc.centralize`.
+    on: ``"gradient"`` (GC, the default) or ``"update"`` (GC2).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is ``tx``'s.
@@ -197,13 +204,21 @@ def with_centralization(
   """
   gc = centralize(rules, preset=preset, strength=strength, strict=strict)
   tx = optax.with_extra_args_support(tx)
+  if on not in ("gradient", "update"):
+    raise ValueError(
+      f'on={on!r}; use "gradient" (the paper\'s GC) or "update" (GC2: centre the final update).'
+    )
 
   def init_fn(params):
     gc.init(params)
     return tx.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    updates, _ = gc.update(updates, optax.EmptyState())
-    return tx.update(updates, state, params, **extra_args)
+    if on == "gradient":
+      updates, _ = gc.update(updates, optax.EmptyState())
+    updates, state = tx.update(updates, state, params, **extra_args)
+    if on == "update":
+      updates, _ = gc.update(updates, optax.EmptyState())
+    return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
