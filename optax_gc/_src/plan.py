@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_gc._src import rules as rules_lib
@@ -55,7 +56,10 @@ class Plan:
     return tuple(
       r
       for r in self.rows
-      if r.rule is None and r.size > 0 and np.issubdtype(r.dtype, np.floating) and len(r.shape) >= 2
+      if r.rule is None
+      and r.size > 0
+      and jnp.issubdtype(r.dtype, jnp.floating)
+      and len(r.shape) >= 2
     )
 
   @property

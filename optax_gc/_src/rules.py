@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from optax_gc._src.presets import PRESETS
@@ -164,7 +165,7 @@ def decide(path: str, shape: tuple[int, ...], dtype: np.dtype, rules: tuple[Rule
     >>> d.axes, d.reason
     ((0,), 'flax: (..., in, out) kernel')
   """
-  if not np.issubdtype(dtype, np.floating):
+  if not jnp.issubdtype(dtype, jnp.floating):
     return Decision(None, f"{dtype} leaf: never centred")
   if math.prod(shape) == 0:
     return Decision(None, "empty leaf: never centred")

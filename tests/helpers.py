@@ -1,0 +1,28 @@
+"""Independent references for the tests: NumPy, float64, written without optax_gc."""
+
+import jax
+import numpy as np
+
+
+def np_centre(g, axes, strength=1.0):
+  """GC of one array in float64: g - strength * mean over ``axes``."""
+  x = np.asarray(g, dtype=np.float64)
+  if axes is None:
+    return x
+  return x - strength * x.mean(axis=tuple(axes), keepdims=True)
+
+
+def flat(tree):
+  """{path string: leaf} built with jax.tree_util, for comparing trees by name."""
+  out = {}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
+    if names and names[-1] == "value":
+      names = names[:-1]
+    out["/".join(names)] = leaf
+  return out
+
+
+def fan_in_sums(g, axes):
+  """Sum over the fan-in, in float64: zero for every output unit after GC."""
+  return np.asarray(g, dtype=np.float64).sum(axis=tuple(axes))
