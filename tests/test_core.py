@@ -162,7 +162,7 @@ def test_user_rules_first_then_preset_first_match_wins():
   tree = {"attn": {"out": {"kernel": np.zeros((2, 4, 8), np.float32)}}}
   plan = optax_gc.explain(tree, [("out/kernel", (-1,)), ("out", None)])
   assert plan["attn/out/kernel"].axes == (2,)
-  assert plan["attn/out/kernel"].decided_by == "rules[0]"
+  assert plan["attn/out/kernel"].decided_by == "rules[0] 'out/kernel'"
   assert optax_gc.explain(tree)["attn/out/kernel"].axes == (0, 1)
 
 

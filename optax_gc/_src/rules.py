@@ -84,7 +84,8 @@ def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
       )
     pattern, axes = item
     regex = _compile_pattern(pattern, where)
-    compiled.append(Rule(regex, _check_axes(axes, f"{where} {regex.pattern!r}"), where))
+    name = f"{where} {regex.pattern!r}"
+    compiled.append(Rule(regex, _check_axes(axes, name), name))
   if preset is not None:
     for pattern, axes, label, min_ndim in PRESETS[preset]:
       compiled.append(Rule(re.compile(pattern), axes, f"{preset}: {label}", min_ndim, False))
@@ -100,7 +101,7 @@ def compile_rules(rules: RulesLike = (), preset: str | None = "flax") -> tuple[R
 
   Example:
     >>> [r.name for r in compile_rules([(r"lin/kernel$", (0,))], preset=None)]
-    ['rules[0]']
+    ["rules[0] 'lin/kernel$'"]
   """
   if preset is not None and preset not in PRESETS:
     raise ValueError(
@@ -139,7 +140,7 @@ def _resolve(rule: Rule, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   axes = tuple(sorted({a % ndim for a in rule.axes}))
   if len(axes) != len(rule.axes):
     raise ValueError(
-      f"{rule.name} {rule.pattern.pattern!r}: axes {rule.axes} name the same axis twice "
+      f"{rule.name}: axes {rule.axes} name the same axis twice "
       f"for leaf {path!r} with shape {shape}; list each axis once."
     )
   return axes
