@@ -30,7 +30,11 @@ class Rule:
   axes: Axes
   name: str
   min_ndim: int = 0
-  user: bool = True
+  preset: str | None = None  # None: the user's rule
+
+  @property
+  def user(self) -> bool:
+    return self.preset is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +92,7 @@ def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
     compiled.append(Rule(regex, _check_axes(axes, name), name))
   if preset is not None:
     for pattern, axes, label, min_ndim in PRESETS[preset]:
-      compiled.append(Rule(re.compile(pattern), axes, f"{preset}: {label}", min_ndim, False))
+      compiled.append(Rule(re.compile(pattern), axes, f"{preset}: {label}", min_ndim, preset))
   return tuple(compiled)
 
 
@@ -177,7 +181,8 @@ def decide(path: str, shape: tuple[int, ...], dtype: np.dtype, rules: tuple[Rule
       return Decision(None, rule.name, rule)
     axes = _resolve(rule, path, shape)
     if not axes:
-      return Decision(None, f"{rule.name} (fewer than 2 dims: unchanged)", rule)
+      where = rule.preset or rule.name
+      return Decision(None, f"{where}: fewer than 2 dims, unchanged", rule)
     if math.prod(shape[a] for a in axes) == 1:
       # A fan-in of one element is its own mean: GC would zero the gradient.
       return Decision(None, f"{rule.name} (fan-in of size 1: unchanged)", rule)

@@ -1,0 +1,223 @@
+"""Flax (nnx) models for the experiments, and a convolution that is fast on CPU."""
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+def matmul_conv(
+  inputs,
+  kernel,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **unused,
+):
+  """``lax.conv_general_dilated`` for Flax's channels-last layout, as one matmul.
+
+  Gathers the strided windows (im2col) and contracts them with the kernel.
+  Inside a ``lax.scan`` of training steps, XLA's CPU convolution runs several
+  times slower than this matmul; the kernel keeps Flax's ``(*window, in, out)``
+  layout, so the parameters, their paths and what GC does to them are those of
+  ``nnx.Conv``. Pass it as ``nnx.Conv(..., conv_general_dilated=matmul_conv)``.
+  Only what ``nnx.Conv`` uses here is supported: explicit padding, no dilation,
+  one feature group.
+
+  Example:
+    >>> import numpy as np
+    >>> from jax import lax
+    >>> x, k = jnp.ones((2, 9, 3)), jnp.arange(24.0).reshape(4, 3, 2)
+    >>> dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NWC", "WIO", "NWC"))
+    >>> ref = lax.conv_general_dilated(x, k, (2,), [(1, 1)], dimension_numbers=dn)
+    >>> bool(np.allclose(matmul_conv(x, k, (2,), [(1, 1)]), ref))
+    True
+  """
+  del dimension_numbers, unused
+  spatial = kernel.ndim - 2
+  if feature_group_count != 1 or any(
+    d is not None and any(v != 1 for v in d) for d in (lhs_dilation, rhs_dilation)
+  ):
+    raise NotImplementedError("matmul_conv supports no dilation and one feature group")
+  if isinstance(padding, str):
+    raise NotImplementedError("matmul_conv needs explicit padding, e.g. padding=1")
+  x = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
+  window = kernel.shape[:spatial]
+  out = [(x.shape[1 + d] - window[d]) // window_strides[d] + 1 for d in range(spatial)]
+  cols = [
+    x[
+      (
+        slice(None),
+        *(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, window_strides, out)),
+      )
+    ]
+    for off in itertools.product(*(range(w) for w in window))
+  ]
+  patches = jnp.stack(cols, axis=-2)  # (batch, *out, window size, in)
+  k = kernel.reshape(-1, *kernel.shape[-2:])
+  return jnp.einsum("...wi,wio->...o", patches, k, precision=precision)
+
+
+class CNN1D(nnx.Module):
+  """The MNIST-1D paper's CNN: three strided 1-D convolutions and a linear head.
+
+  Example:
+    >>> import jax
+    >>> jax.eval_shape(lambda x: CNN1D(rngs=nnx.Rngs(0))(x), jnp.ones((2, 40))).shape
+    (2, 10)
+  """
+
+  def __init__(self, length=40, channels=25, num_classes=10, *, rngs: nnx.Rngs):
+    def conv(cin, k):
+      return nnx.Conv(
+        cin, channels, (k,), strides=2, padding=1, conv_general_dilated=matmul_conv, rngs=rngs
+      )
+
+    self.conv1, self.conv2, self.conv3 = conv(1, 5), conv(channels, 3), conv(channels, 3)
+    for k in (5, 3, 3):
+      length = (length + 2 - k) // 2 + 1
+    self.head = nnx.Linear(length * channels, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = x[..., None]
+    for conv in (self.conv1, self.conv2, self.conv3):
+      x = nnx.relu(conv(x))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+class CNN2D(nnx.Module):
+  """A small 2-D CNN for 8x8 digits: two 3x3 convolutions (the second strided).
+
+  Example:
+    >>> import jax
+    >>> jax.eval_shape(lambda x: CNN2D(rngs=nnx.Rngs(0))(x), jnp.ones((2, 8, 8, 1))).shape
+    (2, 10)
+  """
+
+  def __init__(self, size=8, channels=(16, 32), num_classes=10, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(
+      1, channels[0], (3, 3), padding=1, conv_general_dilated=matmul_conv, rngs=rngs
+    )
+    self.conv2 = nnx.Conv(
+      channels[0], channels[1], (3, 3), 2, padding=1, conv_general_dilated=matmul_conv, rngs=rngs
+    )
+    out = (size + 2 - 3) // 2 + 1
+    self.head = nnx.Linear(out * out * channels[1], num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+class MLP(nnx.Module):
+  """A ReLU MLP on flattened inputs (the MNIST-1D paper's: two hidden layers of 100).
+
+  Example:
+    >>> import jax
+    >>> jax.eval_shape(lambda x: MLP(40, rngs=nnx.Rngs(0))(x), jnp.ones((2, 40))).shape
+    (2, 10)
+  """
+
+  def __init__(self, in_features, hidden: Sequence[int] = (100, 100), num_classes=10, *, rngs):
+    sizes = [in_features, *hidden]
+    self.hidden = nnx.List(nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:]))
+    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.hidden:
+      x = nnx.relu(layer(x))
+    return self.head(x)
+
+
+class Block(nnx.Module):
+  """A pre-norm Transformer block: self-attention and a GELU MLP."""
+
+  def __init__(self, d_model, num_heads, mlp_dim, *, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(num_heads, d_model, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.mlp_in = nnx.Linear(d_model, mlp_dim, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, d_model, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attention(self.norm1(x))
+    return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+class Transformer(nnx.Module):
+  """A ViT-style Transformer on 1-D signals cut into patches, blocks stacked by ``nnx.vmap``.
+
+  The blocks' parameters carry a leading layer axis (``blocks/mlp_in/kernel``
+  is ``(num_layers, d_model, mlp_dim)``), so GC needs rules with negative axes
+  for them; see ``configs/mnist1d_transformer.py``.
+
+  Example:
+    >>> import jax
+    >>> jax.eval_shape(lambda x: Transformer(rngs=nnx.Rngs(0))(x), jnp.ones((2, 40))).shape
+    (2, 10)
+  """
+
+  def __init__(
+    self,
+    length=40,
+    patch_size=4,
+    d_model=32,
+    num_heads=4,
+    num_layers=2,
+    mlp_dim=64,
+    num_classes=10,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.patch_size = patch_size
+    self.patch_proj = nnx.Linear(patch_size, d_model, rngs=rngs)
+    init = nnx.initializers.normal(0.02)
+    self.pos_embedding = nnx.Param(init(rngs.params(), (length // patch_size, d_model)))
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stack(rngs):
+      return Block(d_model, num_heads, mlp_dim, rngs=rngs)
+
+    self.blocks = stack(rngs)
+    self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+    self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1, self.patch_size)
+    x = self.patch_proj(x) + self.pos_embedding[...]
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return block(x)
+
+    x = forward(x, self.blocks)
+    return self.head(self.norm(x).mean(axis=1))
+
+
+def make(kind: str, input_shape: tuple[int, ...], num_classes: int, seed: int, **kwargs):
+  """Builds model ``kind`` ("cnn1d", "cnn2d", "mlp", "transformer") for inputs of ``input_shape``.
+
+  Example:
+    >>> model = make("mlp", (40,), 10, seed=0, hidden=(8,))
+    >>> model.head.kernel.shape
+    (8, 10)
+  """
+  rngs = nnx.Rngs(seed)
+  if kind == "cnn1d":
+    return CNN1D(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
+  if kind == "cnn2d":
+    return CNN2D(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
+  if kind == "mlp":
+    size = math.prod(input_shape)
+    return MLP(size, num_classes=num_classes, rngs=rngs, **kwargs)
+  if kind == "transformer":
+    return Transformer(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
+  raise ValueError(f"unknown model {kind!r}; expected cnn1d, cnn2d, mlp or transformer")
