@@ -54,7 +54,9 @@ def matmul_conv(
     x[
       (
         slice(None),
-        *(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, window_strides, out)),
+        *(
+          slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, window_strides, out, strict=True)
+        ),
       )
     ]
     for off in itertools.product(*(range(w) for w in window))
@@ -126,7 +128,9 @@ class MLP(nnx.Module):
 
   def __init__(self, in_features, hidden: Sequence[int] = (100, 100), num_classes=10, *, rngs):
     sizes = [in_features, *hidden]
-    self.hidden = nnx.List(nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:]))
+    self.hidden = nnx.List(
+      nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    )
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
   def __call__(self, x):

@@ -1,0 +1,184 @@
+"""The experiment runner: a one-seed smoke run of every config, bad input, what GC does.
+
+The smoke runs shorten training (``--config.num_steps``) but run each config's
+real model, data, optimizers and output writing end to end.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from optax_gc.experiments import cli, data, report, train
+from optax_gc.experiments import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+SMOKE = [
+  "--config.seeds=1",
+  "--config.num_steps=30",
+  "--config.eval_every=10",
+  "--config.progress=false",
+]
+
+
+def test_every_config_is_listed():
+  assert {"default", "mnist1d_cnn", "mnist1d_mlp", "digits_cnn", "mnist1d_transformer"} <= set(
+    CONFIGS
+  )
+  assert set(config_lib.config_names()) >= set(CONFIGS)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_run(name, optimizer, tmp_path, capsys):
+  status = cli.main(
+    [f"--config={name}", f"--config.optimizer={optimizer}", *SMOKE, f"--workdir={tmp_path}"]
+  )
+  out = capsys.readouterr().out
+  assert status == 0
+  (run_dir,) = tmp_path.iterdir()
+  assert f"Wrote {run_dir}/" in out
+  assert {p.name for p in run_dir.iterdir()} == {
+    "metrics.json",
+    "curves.png",
+    "summary.md",
+    "gc_plan.txt",
+  }
+  assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  metrics = json.loads((run_dir / "metrics.json").read_text())
+  assert metrics["steps"] == [10, 20, 30]
+  assert metrics["config"]["optimizer"] == optimizer
+  for variant in ("baseline", "gc"):
+    curves = metrics["variants"][variant]
+    acc = np.asarray(curves["test_accuracy"])
+    assert acc.shape == (1, 3) and np.all((acc >= 0) & (acc <= 1))
+    assert np.all(np.isfinite(curves["train_loss"]))
+    # The summary is the last evaluation, read back independently of report.py.
+    assert curves["summary"]["final_test_accuracy"]["mean"] == acc[0, -1]
+    label = "SGD-momentum" if optimizer == "sgd" else "Adam"
+    assert re.search(rf"\b{label} +{'GC' if variant == 'gc' else 'no GC'} ", out)
+  # The plan names at least one centred kernel.
+  assert "kernel" in (run_dir / "gc_plan.txt").read_text()
+
+
+def test_python_dash_m_form(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "optax_gc.experiments", "--config=mnist1d_mlp", *SMOKE],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "GC - no GC" in result.stdout
+  assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+BAD = {
+  "unknown config": (["--config=nope"], "unknown config 'nope'"),
+  "unknown field": (["--config.seed=3"], "did you mean --config.seeds?"),
+  "negative lr": (
+    ["--config.adam.learning_rate=-1"],
+    "adam.learning_rate=-1.0: must be a positive",
+  ),
+  "zero seeds": (["--config.seeds=0"], "--config.seeds=0: must be an integer >= 1"),
+  "not a number": (["--config.num_steps=many"], "expected an integer"),
+  "bad optimizer": (["--config.optimizer=lamb"], "sgd or adam"),
+  "bad rule": (["--config.gc_rules=(('(', (0,)),)"], "gc_rules"),
+  "unused rule": (["--config.gc_rules=(('nothing$', (0,)),)"], "matched no parameter"),
+  "bad flag": (["--seeds=3"], "unknown flag --seeds"),
+}
+
+
+@pytest.mark.parametrize("args, message", BAD.values(), ids=BAD.keys())
+def test_bad_input_exits_2_and_writes_nothing(args, message, tmp_path, capsys):
+  workdir = tmp_path / "work"
+  assert cli.main([*args, f"--workdir={workdir}"]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  assert cli.main([*SMOKE, f"--workdir={blocker}/runs"]) == 2
+  assert "is a file; pass --workdir=DIR" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_help_lists_configs(capsys):
+  assert cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert all(name in out for name in CONFIGS)
+
+
+def test_batches_are_reshuffled_passes():
+  idx = train.batch_indices(50, 10, 12, seed=3)
+  flat = idx.ravel()
+  for start in range(0, 100, 50):  # two complete passes, each a permutation
+    assert sorted(flat[start : start + 50]) == list(range(50))
+  assert not np.array_equal(flat[:50], flat[50:100])
+
+
+def _train(config, gc, steps=40):
+  ds = data.load(config.dataset, **config.data)
+  graphdef, params, rest = train.init_model(config, ds, seed=0)
+  tx = train.make_optimizer(config, gc)
+  train_chunk, _ = train.make_functions(graphdef, tx)
+  idx = train.batch_indices(len(ds.y_train), config.batch_size, steps, seed=0)
+  new, _, _ = train_chunk(params, tx.init(params), rest, ds.x_train, ds.y_train, idx)
+  return params, new
+
+
+def _fan_in_means(tree):
+  # Dense kernels are (in, out) and conv kernels (width, in, out): every axis but the last.
+  return {
+    jax.tree_util.keystr(k): np.asarray(v, np.float64).mean(axis=tuple(range(v.ndim - 1)))
+    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if jax.tree_util.keystr(k).endswith("'kernel']")
+  }
+
+
+@pytest.mark.parametrize("name", ["mnist1d_cnn", "mnist1d_mlp"])
+def test_gc_run_keeps_fan_in_means_under_sgd(name):
+  """SGD-momentum with GC (no weight decay) never moves a neuron's fan-in mean of the weights."""
+  config = config_lib.load(name)
+  config.optimizer, config.weight_decay = "sgd", 0.0
+  before, after = _train(config, gc=True)
+  m0, m1 = _fan_in_means(before), _fan_in_means(after)
+  assert len(m0) >= 3
+  for path in m0:
+    np.testing.assert_allclose(m1[path], m0[path], atol=1e-5, err_msg=path)
+  _, plain = _train(config, gc=False)
+  moved = max(np.abs(_fan_in_means(plain)[p] - m0[p]).max() for p in m0)
+  assert moved > 1e-3
+
+
+def test_summary_statistics_against_numpy():
+  rng = np.random.default_rng(0)
+  acc = rng.uniform(0.5, 1, size=(2, 5, 4))
+  loss = rng.uniform(0.01, 1, size=(2, 5, 4))
+  variants = {
+    v: {
+      "train_loss": loss[i].tolist(),
+      "test_loss": loss[i].tolist(),
+      "test_accuracy": acc[i].tolist(),
+      "wall_s": [1.0] * 5,
+    }
+    for i, v in enumerate(("baseline", "gc"))
+  }
+  r = report.summarize({"steps": [1, 2, 3, 4], "target_loss": 0.3, "variants": variants})
+  s = r["variants"]["gc"]["summary"]
+  assert s["final_test_accuracy"]["mean"] == pytest.approx(acc[1, :, -1].mean())
+  assert s["final_test_accuracy"]["std"] == pytest.approx(acc[1, :, -1].std(ddof=1))
+  assert s["best_test_accuracy"]["mean"] == pytest.approx(acc[1].max(axis=1).mean())
+  expected = [next((t + 1 for t in range(4) if run[t] <= 0.3), None) for run in loss[1]]
+  assert s["steps_to_target"] == expected
+  diff = acc[1, :, -1] - acc[0, :, -1]
+  assert r["gc_minus_baseline"]["seeds_gc_better"] == int((diff > 0).sum())
