@@ -141,7 +141,7 @@ def _fan_in_means(tree):
   return {
     jax.tree_util.keystr(k): np.asarray(v, np.float64).mean(axis=tuple(range(v.ndim - 1)))
     for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-    if jax.tree_util.keystr(k).endswith("'kernel']")
+    if "['kernel']" in jax.tree_util.keystr(k)
   }
 
 

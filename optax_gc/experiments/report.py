@@ -100,10 +100,16 @@ def rows(results: dict) -> list[list[str]]:
         _pm(s["best_test_accuracy"], 100),
         _pm(s["final_train_loss"], 1, ".2g"),
         _steps_cell(s["steps_to_target"]),
+        _paired_cell(results) if variant == "gc" else "",
         str(len(results["seeds"])),
       ]
     )
   return out
+
+
+def _paired_cell(results: dict) -> str:
+  d = results["gc_minus_baseline"]
+  return f"{_pm(d['final_test_accuracy'], 100)} ({d['seeds_gc_better']}/{len(results['seeds'])})"
 
 
 def header(target_loss) -> list[str]:
@@ -115,6 +121,7 @@ def header(target_loss) -> list[str]:
     "best test acc %",
     "final train loss",
     f"steps to loss ≤ {target_loss:g} (median, seeds)",
+    "GC − no GC, final acc (seeds better)",
     "seeds",
   ]
 
@@ -142,13 +149,13 @@ def markdown_table(runs: list[dict]) -> str:
     ...           "test_accuracy": [[0.9]], "wall_s": [1.0]}
     >>> r = summarize({"steps": [10], "target_loss": 0.1, "seeds": [0], "label": "Adam",
     ...                "config": {"name": "demo"}, "variants": {"baseline": curves, "gc": curves}})
-    >>> print(markdown_table([r]).splitlines()[2])
-    | demo | Adam | no GC | 90.00 ± 0.00 | 90.00 ± 0.00 | 0.05 ± 0 | 10 (1/1) | 1 |
+    >>> print(markdown_table([r]).splitlines()[3])
+    | demo | Adam | GC | 90.00 ± 0.00 | 90.00 ± 0.00 | 0.05 ± 0 | 10 (1/1) | 0.00 ± 0.00 (0/1) | 1 |
   """
   targets = sorted({r["target_loss"] for r in runs})
-  head = (
-    header(targets[0]) if len(targets) == 1 else header(0)[:6] + ["steps to target loss", "seeds"]
-  )
+  head = header(targets[0])
+  if len(targets) > 1:
+    head[6] = "steps to target loss"
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(row) + " |" for r in runs for row in rows(r)]
   return "\n".join(lines)
