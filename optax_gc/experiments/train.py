@@ -36,7 +36,7 @@ def make_optimizer(config: ml_collections.ConfigDict, gc: bool) -> optax.Gradien
     >>> import jax.numpy as jnp
     >>> from optax_gc.experiments.config import base_config
     >>> c = base_config()
-    >>> c.optimizer = "sgd"
+    >>> c.optimizer, c.weight_decay = "sgd", 0.0
     >>> params = {"kernel": jnp.ones((2, 1))}
     >>> grads = {"kernel": jnp.array([[1.0], [3.0]])}
     >>> for gc in (False, True):
