@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 import optax_gc
+from optax_gc._src import rules as rules_lib
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
@@ -44,6 +45,17 @@ PARTS = ("update", "train", "compile", "memory")
 # The preset's attention entries already use negative axes, so they need no rule.
 TRANSFORMER_RULES = ((r"layers/mlp/[^/]+/kernel$", (-2,)),)
 BASELINE = "optax.centralize + adamw"
+GC = "optax_gc.centralize + adamw"
+# --variants keys: the update and memory parts' variants by short name.
+VARIANTS = {
+  "adamw": "adamw",
+  "optax_centralize": BASELINE,
+  "centralize": GC,
+  "with_centralization": "with_centralization(adamw)",
+  "adamw_gc": "adamw_gc",
+  "adam": "adam",
+  "adam_gc": "adam_gc",
+}
 
 # ---------------------------------------------------------------------------
 # Parameter pytrees, in Flax layout, as shapes.
@@ -53,10 +65,17 @@ def _sds(*shape: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def resnet50_shapes(scale: float = 1.0) -> dict:
+def resnet50_shapes(scale: float = 1.0, blocks: tuple[int, ...] = (3, 4, 6, 3)) -> dict:
   """ResNet-50 in Flax layout: 161 leaves, 25.6M parameters at ``scale=1``.
 
-  ``scale`` multiplies the parameter count (every width by its square root).
+  ``scale`` multiplies the parameter count (every width by its square root);
+  ``blocks`` is the number of bottleneck blocks in each of the four stages.
+
+  Example:
+    >>> import jax
+    >>> shapes = resnet50_shapes()
+    >>> len(jax.tree.leaves(shapes)), shapes["params"]["layer4"]["block0"]["conv2"]["kernel"].shape
+    (161, (3, 3, 512, 512))
   """
   f = math.sqrt(scale)
 
@@ -69,9 +88,9 @@ def resnet50_shapes(scale: float = 1.0) -> dict:
   params: dict[str, Any] = {}
   params["conv1"], params["bn1"] = conv_bn(7, 3, w(64))
   cin = w(64)
-  for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), 1):
+  for stage, (n_blocks, width) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True), 1):
     layer = {}
-    for b in range(blocks):
+    for b in range(n_blocks):
       mid, out = w(width), w(4 * width)
       block: dict[str, Any] = {}
       block["conv1"], block["bn1"] = conv_bn(1, cin, mid)
@@ -81,7 +100,8 @@ def resnet50_shapes(scale: float = 1.0) -> dict:
         block["downsample_conv"], block["downsample_bn"] = conv_bn(1, cin, out)
       layer[f"block{b}"] = block
       cin = out
-    params[f"layer{stage}"] = layer
+    if layer:
+      params[f"layer{stage}"] = layer
   params["fc"] = {"kernel": _sds(cin, w(1000)), "bias": _sds(w(1000))}
   return {"params": params}
 
@@ -141,20 +161,32 @@ def _nbytes(tree: Any) -> int:
 
 
 def _materialize(shapes: Any, seed: int, std: float) -> Any:
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  arrays = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, arrays)
+  """Normal arrays of the given shapes, drawn by NumPy (jax would compile once per shape)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(x):
+    return jnp.asarray(std * rng.standard_normal(x.shape, np.float32), x.dtype)
+
+  return jax.tree.map(draw, shapes)
 
 
 # ---------------------------------------------------------------------------
 # Variants and timing.
 
 
-def update_variants(rules=()) -> dict[str, tuple[str, optax.GradientTransformation]]:
-  """Optimizers to compare, each as ``name: (base name, transformation)``."""
+def update_variants(
+  rules=(), keys: tuple[str, ...] | None = None
+) -> dict[str, tuple[str, optax.GradientTransformation]]:
+  """Optimizers to compare, each as ``name: (base name, transformation)``.
+
+  ``keys`` (of ``VARIANTS``) selects some, with their bases; None: all.
+
+  Example:
+    >>> list(update_variants(keys=("centralize", "adam_gc")))
+    ['adamw', 'optax_gc.centralize + adamw', 'adam', 'adam_gc']
+  """
   adamw = partial(optax.adamw, LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-  return {
+  variants = {
     "adamw": ("adamw", adamw()),
     BASELINE: ("adamw", optax.chain(optax.centralize(), adamw())),
     "optax_gc.centralize + adamw": (
@@ -166,6 +198,11 @@ def update_variants(rules=()) -> dict[str, tuple[str, optax.GradientTransformati
     "adam": ("adam", optax.adam(LEARNING_RATE)),
     "adam_gc": ("adam", optax_gc.adam_gc(LEARNING_RATE, rules=rules)),
   }
+  if keys is None:
+    return variants
+  wanted = {VARIANTS[k] for k in keys}
+  wanted |= {variants[name][0] for name in wanted}
+  return {name: v for name, v in variants.items() if name in wanted}
 
 
 def _update_step(tx, params, state, grads):
@@ -232,29 +269,50 @@ def summarize(times: dict[str, list[float]], bases: dict[str, str]) -> list[dict
 # The four parts.
 
 
-def bench_update(shapes: dict, rules, rounds: int) -> list[dict]:
-  """Part 1: the jitted optimizer update alone, params and state donated."""
-  params = _materialize(shapes, 0, 0.02)
+def bench_update(
+  shapes: dict,
+  rules,
+  rounds: int,
+  target_s: float = 0.2,
+  keys: tuple[str, ...] | None = None,
+  memory_out: dict | None = None,
+) -> list[dict]:
+  """Part 1: the jitted optimizer update alone, params and state donated.
+
+  ``memory_out``, if given, receives each compiled step's ``memory_analysis()``
+  by variant, so that part 4 need not compile the same steps again.
+  """
   grads = _materialize(shapes, 1, 1.0)
   runners, bases = {}, {}
-  for name, (base, tx) in update_variants(rules).items():
-    p = jax.tree.map(jnp.copy, params)
-    state = tx.init(p)
+  for name, (base, tx) in update_variants(rules, keys).items():
+    p = _materialize(shapes, 0, 0.02)  # fresh buffers: each variant donates its own
+    state = jax.jit(tx.init)(p)
     step = jax.jit(partial(_update_step, tx), donate_argnums=(0, 1))
-    runners[name] = _runner(step.lower(p, state, grads).compile(), p, state, grads)
+    compiled = step.lower(p, state, grads).compile()
+    if memory_out is not None:
+      memory_out[name] = compiled.memory_analysis()
+    runners[name] = _runner(compiled, p, state, grads)
     bases[name] = base
-  del params
-  return summarize(interleave(runners, rounds), bases)
+  return summarize(interleave(runners, rounds, target_s), bases)
 
 
-def bench_memory(shapes: dict, rules) -> list[dict]:
-  """Part 4: XLA temp bytes of the jitted update, and the optimizer state bytes."""
+def bench_memory(
+  shapes: dict, rules, keys: tuple[str, ...] | None = None, compiled_stats: dict | None = None
+) -> list[dict]:
+  """Part 4: XLA temp bytes of the jitted update, and the optimizer state bytes.
+
+  ``compiled_stats``: ``memory_analysis()`` results by variant already at hand
+  (from part 1); the other variants are compiled here.
+  """
   largest = max(_nbytes(x) for x in jax.tree.leaves(shapes))
   rows = []
-  for name, (base, tx) in update_variants(rules).items():
+  for name, (base, tx) in update_variants(rules, keys).items():
     state = jax.eval_shape(tx.init, shapes)
-    step = jax.jit(partial(_update_step, tx), donate_argnums=(0, 1))
-    stats = step.lower(shapes, state, shapes).compile().memory_analysis()
+    if compiled_stats is not None and name in compiled_stats:
+      stats = compiled_stats[name]
+    else:
+      step = jax.jit(partial(_update_step, tx), donate_argnums=(0, 1))
+      stats = step.lower(shapes, state, shapes).compile().memory_analysis()
     temp = stats.temp_size_in_bytes if stats is not None else -1
     rows.append(
       {
@@ -273,8 +331,13 @@ def bench_memory(shapes: dict, rules) -> list[dict]:
   return rows
 
 
-def bench_compile(leaves: int, rounds: int) -> list[dict]:
-  """Part 3: trace+lower and compile seconds of a jitted update of a many-leaf pytree."""
+def bench_compile(leaves: int, rounds: int, trace_only: bool = False) -> list[dict]:
+  """Part 3: trace+lower and compile seconds of a jitted update of a many-leaf pytree.
+
+  With ``trace_only``, XLA's compile is skipped: the trace is where optax_gc
+  decides each leaf's axes (its planning cost), and it stays affordable for
+  10,000 leaves, where XLA's compile of even plain adamw takes minutes.
+  """
   shapes = many_leaves_shapes(leaves)
   adamw = partial(optax.adamw, LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   factories = {
@@ -285,16 +348,24 @@ def bench_compile(leaves: int, rounds: int) -> list[dict]:
   times: dict[str, dict[str, list[float]]] = {
     k: {n: [] for n in factories} for k in ("trace", "compile", "total")
   }
-  for r in range(rounds + 1):  # round 0 warms jax's caches of jnp functions
-    for name, factory in factories.items():
-      tx = factory()
-      state = jax.eval_shape(tx.init, shapes)
+  names = list(factories)
+  for r in range(rounds + 1):
+    # Round 0, on a 10-leaf tree and untimed, warms jax's caches of jnp functions;
+    # the order of the variants rotates from round to round.
+    tree = many_leaves_shapes(10) if r == 0 else shapes
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      # Cold: optax_gc's per-leaf decisions are cached across calls; a real
+      # program compiles its step once, so each round starts without them.
+      rules_lib.decide.cache_clear()
+      tx = factories[name]()
+      state = jax.eval_shape(tx.init, tree)
       # A fresh function each time, so that nothing is reused from a cache.
       step = jax.jit(lambda p, s, g, tx=tx: _update_step(tx, p, s, g), donate_argnums=(0, 1))
       t0 = time.perf_counter()
-      lowered = step.lower(shapes, state, shapes)
+      lowered = step.lower(tree, state, tree)
       t1 = time.perf_counter()
-      lowered.compile()
+      if not trace_only:
+        lowered.compile()
       t2 = time.perf_counter()
       if r:
         times["trace"][name].append(t1 - t0)
@@ -303,12 +374,14 @@ def bench_compile(leaves: int, rounds: int) -> list[dict]:
   bases = {name: "adamw" for name in factories}
   rows = []
   for what, t in times.items():
+    if trace_only and what != "trace":
+      continue
     for row in summarize(t, bases):
       rows.append({"phase": what, **row, "leaves": _size(shapes)[0]})
   return rows
 
 
-def _train_models(batch: int, width: int, d_model: int, seq_len: int):
+def _train_models(batch: int, width: int, d_model: int, seq_len: int, depth: int = 2):
   """A small CNN and a small Transformer (flax linen), each with a batch and a loss."""
   try:
     import flax.linen as nn
@@ -321,7 +394,7 @@ def _train_models(batch: int, width: int, d_model: int, seq_len: int):
   class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
-      for mult in (1, 2, 4):
+      for mult in (1, 2, 4)[: depth + 1]:
         x = nn.relu(nn.Conv(width * mult, (3, 3))(x))
         x = nn.relu(nn.Conv(width * mult, (3, 3), strides=2)(x))
       return nn.Dense(10)(x.mean((1, 2)))
@@ -340,7 +413,7 @@ def _train_models(batch: int, width: int, d_model: int, seq_len: int):
     def __call__(self, tokens):
       embed = nn.Embed(512, d_model, name="embed")
       x = embed(tokens)
-      for _ in range(2):
+      for _ in range(depth):
         x = Block()(x)
       return embed.attend(nn.LayerNorm()(x))
 
@@ -359,8 +432,18 @@ def _train_models(batch: int, width: int, d_model: int, seq_len: int):
 
   key = jax.random.key(0)
   return {
-    "cnn": (CNN().init(key, images), (images, labels), cnn_loss),
-    "transformer": (Transformer().init(key, tokens[:, :-1]), tokens, transformer_loss),
+    # Shapes by tracing, values from NumPy: compiling the models' init would take
+    # longer than the benchmark at tiny sizes, and timing does not depend on them.
+    "cnn": (
+      _materialize(jax.eval_shape(CNN().init, key, images), 2, 0.05),
+      (images, labels),
+      cnn_loss,
+    ),
+    "transformer": (
+      _materialize(jax.eval_shape(Transformer().init, key, tokens[:, :-1]), 3, 0.05),
+      tokens,
+      transformer_loss,
+    ),
   }
 
 
@@ -370,16 +453,26 @@ def _train_step(tx, loss_fn, params, state, batch):
   return optax.apply_updates(params, updates), state, loss
 
 
-def bench_train(rounds: int, batch: int, width: int, d_model: int, seq_len: int) -> dict:
+def bench_train(
+  rounds: int,
+  batch: int,
+  width: int,
+  d_model: int,
+  seq_len: int,
+  target_s: float = 0.2,
+  depth: int = 2,
+) -> dict:
   """Part 2: a whole jitted train step, with and without GC."""
   results = {}
-  for model, (params, data, loss_fn) in _train_models(batch, width, d_model, seq_len).items():
+  for model, (params, data, loss_fn) in _train_models(
+    batch, width, d_model, seq_len, depth
+  ).items():
     variants = update_variants()
     runners, bases = {}, {}
     for name in ("adamw", BASELINE, "optax_gc.centralize + adamw"):
       base, tx = variants[name]
       p = jax.tree.map(jnp.copy, params)
-      state = tx.init(p)
+      state = jax.jit(tx.init)(p)
       step = jax.jit(partial(_train_step, tx, loss_fn), donate_argnums=(0, 1))
       runners[name] = _runner(step.lower(p, state, data).compile(), p, state, data)
       bases[name] = base
@@ -387,7 +480,7 @@ def bench_train(rounds: int, batch: int, width: int, d_model: int, seq_len: int)
     results[model] = {
       "leaves": n_leaves,
       "params": n_params,
-      "rows": summarize(interleave(runners, rounds), bases),
+      "rows": summarize(interleave(runners, rounds, target_s), bases),
     }
   return results
 
@@ -428,7 +521,7 @@ def _time_table(rows: list[dict]) -> str:
         f"{r['median_ms']:.3f}",
         f"{r['vs_base']:.3f} ({r['base']})",
         f"{r['vs_base_q25']:.3f}-{r['vs_base_q75']:.3f}",
-        f"{r['vs_optax_centralize']:.3f}",
+        f"{r['vs_optax_centralize']:.3f}" if "vs_optax_centralize" in r else "-",
       ]
       for r in rows
     ],
@@ -439,9 +532,95 @@ def _mib(n: int) -> str:
   return f"{n / 2**20:.2f}"
 
 
+def targets(results: dict) -> list[dict]:
+  """The issue's targets, each with the measured value and whether it is met.
+
+  Times: the median per-round ratio of ``chain(optax_gc.centralize(), adamw)``
+  to adamw (and to ``chain(optax.centralize(), adamw)``), with its quartiles.
+  Memory: no extra optimizer state, and no extra temporary as large as the
+  largest leaf.
+  """
+  out = []
+
+  def ratio(what, rows, key, limit, variant=GC):
+    row = next((r for r in rows if r["variant"] == variant), None)
+    if row is None or key not in row:
+      return
+    q = (
+      f" (quartiles {row['vs_base_q25']:.3f}-{row['vs_base_q75']:.3f})" if key == "vs_base" else ""
+    )
+    value = row[key]
+    out.append({"target": what, "limit": limit, "value": value, "met": value <= limit, "note": q})
+
+  for tree, res in results.get("update", {}).items():
+    ratio(f"update {tree}: GC+adamw / adamw", res["rows"], "vs_base", 1.02)
+    ratio(
+      f"update {tree}: GC+adamw / optax.centralize+adamw", res["rows"], "vs_optax_centralize", 1.0
+    )
+  for model, res in results.get("train", {}).items():
+    ratio(f"train step {model}: GC+adamw / adamw", res["rows"], "vs_base", 1.01)
+  if "compile" in results:
+    for phase, what in (("total", "trace+compile"), ("trace", "trace (planning)")):
+      rows = [r for r in results["compile"] if r["phase"] == phase]
+      if rows:
+        ratio(f"{what} {rows[0]['leaves']} leaves: GC+adamw / adamw", rows, "vs_base", 1.10)
+  for tree, rows in results.get("memory", {}).items():
+    gc_rows = [r for r in rows if r["variant"] not in (r["base"], BASELINE)]
+    if not gc_rows:
+      continue
+    extra = max(r["extra_state_bytes"] for r in gc_rows)
+    out.append(
+      {
+        "target": f"memory {tree}: extra opt-state bytes, any optax_gc variant",
+        "limit": 0,
+        "value": extra,
+        "met": extra == 0,
+        "note": "",
+      }
+    )
+    temp = max(r["extra_temp_bytes"] for r in gc_rows)
+    largest = rows[0]["largest_leaf_bytes"]
+    out.append(
+      {
+        "target": f"memory {tree}: optax_gc's extra temp bytes < largest leaf ({largest})",
+        "limit": largest,
+        "value": temp,
+        "met": temp < largest,
+        "note": "",
+      }
+    )
+  return out
+
+
 def report(results: dict) -> str:
   """The results as Markdown tables."""
   out = []
+  if "command" in results:
+    out.append(f"Command: `{results['command']}`\n")
+  if "machine" in results:
+    m = results["machine"]
+    out.append(
+      f"Machine: {m['cpu']}, {m['cores']} cores ({m['device']}); jax {m['jax']}, "
+      f"optax {m['optax']}, Python {m['python']}\n"
+    )
+  checks = targets(results)
+  if checks:
+    out.append(
+      "### Targets\n\n"
+      + _table(
+        ["target", "limit", "measured", "met"],
+        [
+          [
+            c["target"],
+            f"{c['limit']:g}",
+            f"{c['value']:.4g}{c['note']}",
+            "yes" if c["met"] else "NO",
+          ]
+          for c in checks
+        ],
+      )
+      + "\n"
+    )
   for tree, res in results.get("update", {}).items():
     out.append(
       f"### Update alone: {tree} ({res['leaves']} leaves, "
@@ -477,7 +656,13 @@ def report(results: dict) -> str:
       f"### Memory: {tree} (largest leaf {_mib(rows[0]['largest_leaf_bytes'])} "
       "MiB)\n\n"
       + _table(
-        ["variant", "state MiB", "extra state vs base", "temp MiB", "extra temp vs base MiB"],
+        [
+          "variant",
+          "state MiB",
+          "extra state bytes vs base",
+          "temp MiB",
+          "extra temp MiB vs base",
+        ],
         [
           [
             r["variant"],
@@ -494,20 +679,35 @@ def report(results: dict) -> str:
   return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-  """Runs the benchmark and prints Markdown tables.
+TINY = {
+  "scale": 0.0005,
+  "resnet_blocks": "1,0,0,1",
+  "layers": 2,
+  "rounds": 3,
+  "target_ms": 2.0,
+  "batch": 2,
+  "width": 4,
+  "d_model": 16,
+  "depth": 1,
+  "seq_len": 8,
+  "leaves": 20,
+  "compile_rounds": 1,
+}
 
-  Usage::
 
-      python -m optax_gc.benchmark                      # everything, full sizes
-      python -m optax_gc.benchmark --scale 0.25         # pytrees of a quarter the size
-      python -m optax_gc.benchmark --parts update,memory --json out.json
-      optax-gc-benchmark --help
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Parses the command line (see ``optax-gc-benchmark --help``).
+
+  Example:
+    >>> args = parse_args(["--tiny", "--leaves", "50"])
+    >>> args.leaves, args.scale, args.parts
+    (50, 0.0005, ['update', 'train', 'compile', 'memory'])
   """
   parser = argparse.ArgumentParser(
     prog="optax-gc-benchmark",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Full sizes take about 20 minutes on 2 CPU cores; --tiny takes seconds (for tests).",
   )
   parser.add_argument(
     "--parts", default=",".join(PARTS), help="comma-separated parts to run, of: %(default)s"
@@ -516,8 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     "--scale",
     type=float,
     default=1.0,
-    help="multiplies the parameter count of the update pytrees "
+    help="update and memory parts: multiplies the parameter count of both pytrees "
     "(ResNet-50 25.6M, Transformer 100M at 1.0)",
+  )
+  parser.add_argument(
+    "--resnet-blocks",
+    default="3,4,6,3",
+    help="update and memory parts: bottleneck blocks per ResNet stage (%(default)s: ResNet-50)",
   )
   parser.add_argument(
     "--layers", type=int, default=12, help="layers in the Transformer pytree's scanned stack"
@@ -525,57 +730,143 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--rounds", type=int, default=15, help="interleaved timing rounds of the update and train parts"
   )
+  parser.add_argument(
+    "--target-ms",
+    type=float,
+    default=200.0,
+    help="update and train parts: each variant runs about this long per round",
+  )
+  parser.add_argument(
+    "--variants",
+    default=",".join(VARIANTS),
+    help="update and memory parts: comma-separated variants, of: %(default)s "
+    "(each variant's base, adamw or adam, is always included)",
+  )
   parser.add_argument("--batch", type=int, default=32, help="train part: batch size")
   parser.add_argument(
     "--width", type=int, default=32, help="train part: channels of the CNN's first layer"
   )
   parser.add_argument("--d-model", type=int, default=128, help="train part: Transformer width")
   parser.add_argument(
+    "--depth",
+    type=int,
+    default=2,
+    help="train part: the Transformer's blocks; the CNN has 1 + depth stages of 2 convs (max 3)",
+  )
+  parser.add_argument(
     "--seq-len", type=int, default=64, help="train part: Transformer sequence length"
   )
   parser.add_argument(
-    "--compile-leaves", type=int, default=2000, help="compile part: leaves of the pytree"
+    "--leaves",
+    "--compile-leaves",
+    dest="leaves",
+    type=int,
+    default=2000,
+    help="compile part: leaves of the pytree (a multiple of 5)",
   )
-  parser.add_argument("--compile-rounds", type=int, default=5, help="compile part: timed rounds")
+  parser.add_argument(
+    "--compile-rounds",
+    type=int,
+    default=3,
+    help="compile part: timed rounds, after one untimed warm-up round",
+  )
+  parser.add_argument(
+    "--trace-only",
+    action="store_true",
+    help="compile part: time the trace and lowering only (optax_gc's planning), not XLA",
+  )
+  parser.add_argument(
+    "--tiny",
+    action="store_true",
+    help="tiny sizes and few rounds, to check that everything runs: "
+    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY.items())
+    + " (options given explicitly still win)",
+  )
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = parser.parse_args(argv)
-  parts = [p for p in args.parts.split(",") if p]
-  unknown = sorted(set(parts) - set(PARTS))
+  if args.tiny:
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+    for key, value in TINY.items():
+      flags = {"--" + key.replace("_", "-")} | ({"--compile-leaves"} if key == "leaves" else set())
+      if not flags & given:
+        setattr(args, key, value)
+  args.parts = [p for p in args.parts.split(",") if p]
+  args.variants = tuple(v for v in args.variants.split(",") if v)
+  if set(args.variants) - set(VARIANTS):
+    parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}")
+  unknown = sorted(set(args.parts) - set(PARTS))
   if unknown:
     parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+  try:
+    args.resnet_blocks = tuple(int(b) for b in args.resnet_blocks.split(","))
+    assert len(args.resnet_blocks) == 4 and min(args.resnet_blocks) >= 0
+  except (ValueError, AssertionError):
+    parser.error(f"--resnet-blocks takes 4 ints >= 0, got {args.resnet_blocks!r}")
+  if args.leaves < 5 or args.rounds < 1 or args.compile_rounds < 1 or not 1 <= args.depth <= 3:
+    parser.error(
+      "--leaves must be at least 5, --rounds and --compile-rounds at least 1, --depth 1 to 3"
+    )
+  return args
 
+
+def run(args: argparse.Namespace, log=print) -> dict:
+  """Runs the parts ``args`` asks for; returns the results (what ``--json`` writes)."""
+  target_s = args.target_ms / 1e3
   trees = {
-    "resnet50": (resnet50_shapes(args.scale), ()),
+    "resnet50": (resnet50_shapes(args.scale, args.resnet_blocks), ()),
     "transformer": (transformer_shapes(args.scale, args.layers), TRANSFORMER_RULES),
   }
-  results: dict[str, Any] = {
-    "machine": machine(),
-    "command": sys.argv if argv is None else ["optax-gc-benchmark", *argv],
-  }
-  print("machine:", results["machine"], flush=True)
-  if "update" in parts:
+  results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+  log("machine:", results["machine"], flush=True)
+  keys = args.variants
+  stats: dict[str, dict] = {tree: {} for tree in trees}
+  if "update" in args.parts:
     results["update"] = {}
     for tree, (shapes, rules) in trees.items():
       n_leaves, n_params = _size(shapes)
-      rows = bench_update(shapes, rules, args.rounds)
+      rows = bench_update(shapes, rules, args.rounds, target_s, keys, stats[tree])
       results["update"][tree] = {"leaves": n_leaves, "params": n_params, "rows": rows}
-      print(f"update {tree} done", flush=True)
-  if "train" in parts:
-    results["train"] = bench_train(args.rounds, args.batch, args.width, args.d_model, args.seq_len)
-    print("train done", flush=True)
-  if "compile" in parts:
-    results["compile"] = bench_compile(args.compile_leaves, args.compile_rounds)
-    print("compile done", flush=True)
-  if "memory" in parts:
+      log(f"update {tree} done", flush=True)
+  if "train" in args.parts:
+    results["train"] = bench_train(
+      args.rounds, args.batch, args.width, args.d_model, args.seq_len, target_s, args.depth
+    )
+    log("train done", flush=True)
+  if "compile" in args.parts:
+    results["compile"] = bench_compile(args.leaves, args.compile_rounds, args.trace_only)
+    log("compile done", flush=True)
+  if "memory" in args.parts:
     results["memory"] = {
-      tree: bench_memory(shapes, rules) for tree, (shapes, rules) in trees.items()
+      tree: bench_memory(shapes, rules, keys, stats[tree])
+      for tree, (shapes, rules) in trees.items()
     }
+    log("memory done", flush=True)
+  return results
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the benchmark and prints Markdown tables (``--json PATH``: the results too); returns 0.
+
+  Usage::
+
+      python -m optax_gc.benchmark                      # everything, full sizes
+      python -m optax_gc.benchmark --scale 0.25         # pytrees of a quarter the size
+      python -m optax_gc.benchmark --parts compile --leaves 10000
+      python -m optax_gc.benchmark --parts update,memory --json out.json
+      python -m optax_gc.benchmark --tiny               # seconds: checks that it runs
+      optax-gc-benchmark --help
+  """
+  args = parse_args(argv)
+  command = ["optax-gc-benchmark", *(sys.argv[1:] if argv is None else argv)]
+  results = run(args)
+  results["command"] = " ".join(command)
   print()
   print(report(results))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -38,6 +38,9 @@ LEAVES = {
   "attn/out/kernel": ((4, 2, 16), (0, 1)),  # (heads, head_dim, out)
   "blocks/lin/kernel": ((2, 16, 8), (1,)),  # nnx.vmap stack: (layers, in, out)
   "dense/bias": ((8,), None),
+  # Large enough (2**16 elements) for the transform's dot path (a matrix-vector
+  # product for the fan-in sum), which must not gather either.
+  "big/kernel": ((256, 256), (0,)),
 }
 
 # How each leaf is laid out on the mesh, per case.
@@ -48,6 +51,7 @@ SPECS = {
     "attn/out/kernel": P("model", "data", None),
     "blocks/lin/kernel": P(None, ("data", "model"), None),
     "dense/bias": P(None),
+    "big/kernel": P("model", None),
   },
   "fan_out": {
     "dense/kernel": P(None, "model"),
@@ -55,6 +59,7 @@ SPECS = {
     "attn/out/kernel": P(None, None, "model"),
     "blocks/lin/kernel": P("data", None, "model"),
     "dense/bias": P("model"),
+    "big/kernel": P(None, "model"),
   },
   "both": {
     "dense/kernel": P("data", "model"),
@@ -62,6 +67,7 @@ SPECS = {
     "attn/out/kernel": P("data", None, "model"),
     "blocks/lin/kernel": P(None, "data", "model"),
     "dense/bias": P("model"),
+    "big/kernel": P("data", "model"),
   },
 }
 

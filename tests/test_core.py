@@ -1,5 +1,6 @@
 """centralize: properties of the projection, numerics, the rule language, bad input."""
 
+import math
 import re
 
 import chex
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_gc
+from optax_gc._src.transform import DOT_MIN_SIZE, _fan_in_sum, centre
 
 GC = optax_gc.centralize()
 
@@ -324,3 +326,27 @@ def test_explain_accepts_eval_shape_and_agrees_with_centralize():
   assert "attn/out/kernel" in text and "(0, 1)" in text
   # Conv 3*3*2*4 + query 8*2*4 + out 2*4*8 = 200 centred parameters.
   assert text.splitlines()[-1] == "7 leaves: 3 centred (200 parameters), 4 unchanged"
+
+
+# The large-leaf path of the transform (BENCHMARKS.md)
+# (a dot with a constant vector, for leaves of 2**16 elements or more) must
+# centre exactly as the reduction does for small leaves.
+LARGE = [
+  ((512, 256), (0,)),  # Dense (in, out)
+  ((3, 3, 64, 128), (0, 1, 2)),  # Conv (kh, kw, in, out)
+  ((4, 256, 8, 32), (1,)),  # scanned attention q/k/v (L, in, heads, head_dim)
+  ((4, 8, 32, 256), (1, 2)),  # scanned attention out (L, heads, head_dim, out)
+  ((256, 3, 3, 64), (1, 2, 3)),  # torch Conv (out, in, kh, kw)
+]
+
+
+@pytest.mark.parametrize(("shape", "axes"), LARGE, ids=[str(s) for s, _ in LARGE])
+def test_large_leaf_path_matches_float64(shape, axes):
+  assert math.prod(shape) >= DOT_MIN_SIZE
+  g = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  assert _fan_in_sum(jnp.asarray(g), axes, 1.0) is not None
+  want = g.astype(np.float64) - g.astype(np.float64).mean(axes, keepdims=True)
+  out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes))
+  np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * np.abs(g).max())
+  huge = (1e37 * (1 + np.abs(g))).astype(np.float32)
+  assert np.isfinite(np.asarray(centre(jnp.asarray(huge), axes))).all()

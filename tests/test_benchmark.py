@@ -1,0 +1,109 @@
+"""The benchmark runs on tiny sizes and reports what it should. Speed is never asserted here."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from optax_gc import benchmark
+
+# Each GC variant's base comes along; a few variants keep the test fast.
+VARIANTS = "centralize,optax_centralize"
+GC = benchmark.GC
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "out.json"
+  argv = ["--tiny", "--variants", VARIANTS, "--rounds", "2", "--leaves", "10", "--json", str(path)]
+  assert benchmark.main(argv) == 0
+  with open(path) as f:
+    written = json.load(f)
+  return written
+
+
+def _finite_positive(x):
+  return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_json_holds_every_part(results):
+  written = results
+  assert set(benchmark.PARTS) <= set(written)
+  assert written["command"].startswith("optax-gc-benchmark --tiny")
+  assert written["machine"]["cores"] >= 1
+  assert sorted(written["update"]) == ["resnet50", "transformer"]
+
+
+def test_update_rows_and_ratios(results):
+  written = results
+  want = {"adamw", benchmark.BASELINE, GC}
+  for tree in ("resnet50", "transformer"):
+    res = written["update"][tree]
+    assert res["leaves"] > 0 and res["params"] > 0
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == want
+    for row in rows.values():
+      assert row["base"] == "adamw"
+      for key in ("median_ms", "vs_base", "vs_base_q25", "vs_base_q75", "vs_optax_centralize"):
+        assert _finite_positive(row[key]), (tree, row)
+    assert rows["adamw"]["vs_base"] == 1.0
+
+
+def test_train_rows(results):
+  written = results
+  assert sorted(written["train"]) == ["cnn", "transformer"]
+  for res in written["train"].values():
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"adamw", benchmark.BASELINE, GC}
+    assert all(_finite_positive(r["vs_base"]) for r in rows.values())
+
+
+def test_compile_rows(results):
+  written = results
+  rows = written["compile"]
+  assert {(r["phase"], r["variant"]) for r in rows} == {
+    (phase, variant)
+    for phase in ("trace", "compile", "total")
+    for variant in ("adamw", benchmark.BASELINE, GC)
+  }
+  assert all(r["leaves"] == 10 for r in rows)
+  assert all(_finite_positive(r["median_ms"]) and _finite_positive(r["vs_base"]) for r in rows)
+
+
+def test_memory_no_extra_persistent_state(results):
+  written = results
+  for tree, rows in written["memory"].items():
+    by_name = {r["variant"]: r for r in rows}
+    assert set(by_name) == {"adamw", benchmark.BASELINE, GC}
+    assert by_name[GC]["extra_state_bytes"] == 0, tree
+    assert by_name[GC]["state_bytes"] == by_name["adamw"]["state_bytes"] > 0, tree
+    assert by_name[GC]["temp_bytes"] >= 0
+
+
+def test_report_has_every_table(results):
+  printed = results
+  text = benchmark.report(printed)
+  for title in ("### Targets", "### Update alone: resnet50", "### Update alone: transformer"):
+    assert title in text
+  for title in ("### Train step: cnn", "### Train step: transformer", "### Trace and compile"):
+    assert title in text
+  assert "### Memory: resnet50" in text and "### Memory: transformer" in text
+  assert f"| {GC} |" in text
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--parts", "update,nope"])
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--variants", "nope"])
+
+
+def test_console_form_exits_0_and_documents_its_options():
+  result = subprocess.run(
+    [sys.executable, "-m", "optax_gc.benchmark", "--help"], capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr
+  for option in ("--parts", "--scale", "--leaves", "--trace-only", "--tiny", "--json"):
+    assert option in result.stdout
