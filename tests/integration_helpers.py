@@ -6,37 +6,12 @@ Nothing here imports optax_gc: the tests compare the library against these.
 from __future__ import annotations
 
 import numpy as np
-from helpers import np_centre
-from jax.tree_util import (
-  DictKey,
-  FlattenedIndexKey,
-  GetAttrKey,
-  SequenceKey,
-  tree_flatten_with_path,
-)
-
-
-def _key_name(key) -> str:
-  if isinstance(key, DictKey):
-    return str(key.key)
-  if isinstance(key, GetAttrKey):
-    return key.name
-  if isinstance(key, SequenceKey):
-    return str(key.idx)
-  if isinstance(key, FlattenedIndexKey):
-    return str(key.key)
-  raise TypeError(f"unexpected key {key!r}")
+from helpers import flat, np_centre
 
 
 def leaves_by_path(tree) -> dict[str, np.ndarray]:
   """Maps each leaf's "/"-joined path (a trailing ``value`` dropped) to a NumPy copy."""
-  out = {}
-  for keypath, leaf in tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in keypath]
-    if names and names[-1] == "value":
-      names = names[:-1]
-    out["/".join(names)] = np.asarray(leaf)
-  return out
+  return {path: np.asarray(leaf) for path, leaf in flat(tree).items()}
 
 
 def assert_update_is_gc(

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from helpers import flat
 
 from optax_gc.experiments import cli, data, report, train
 from optax_gc.experiments import config as config_lib
@@ -139,9 +139,9 @@ def _train(config, gc, steps=40):
 def _fan_in_means(tree):
   # Dense kernels are (in, out) and conv kernels (width, in, out): every axis but the last.
   return {
-    jax.tree_util.keystr(k): np.asarray(v, np.float64).mean(axis=tuple(range(v.ndim - 1)))
-    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-    if "['kernel']" in jax.tree_util.keystr(k)
+    path: np.asarray(v, np.float64).mean(axis=tuple(range(v.ndim - 1)))
+    for path, v in flat(tree).items()
+    if path.endswith("/kernel")
   }
 
 

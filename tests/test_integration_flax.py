@@ -28,6 +28,21 @@ def _data(seed=0):
   return jnp.asarray(tokens), jnp.asarray(labels)
 
 
+def _assert_first_step_is_gc(before, after, grads, fan_in, others, lr):
+  """The first momentum step of every leaf, ``after - before``, is ``-lr * GC(gradient)``."""
+  assert set(grads) == set(fan_in) | others
+  for path, grad in grads.items():
+    step = after[path].astype(np.float64) - before[path]
+    assert_update_is_gc(
+      step,
+      grad,
+      fan_in.get(path),
+      path=path,
+      scale=-lr,
+      atol_floor=param_step_atol(before[path]),
+    )
+
+
 # ---------------------------------------------------------------- nnx ------
 
 
@@ -140,18 +155,7 @@ def test_nnx_optimizer_applies_gc_of_the_gradient_with_strict_anchored_rules_and
   loss0, grads = _nnx_step(model, optimizer, tokens, labels)
   grads = leaves_by_path(grads)
   after = leaves_by_path(nnx.state(model, nnx.Param))
-  assert set(grads) == set(NNX_FAN_IN) | NNX_OTHER
-  # The first momentum step is -lr * GC(gradient), leaf by leaf.
-  for path, grad in grads.items():
-    step = after[path].astype(np.float64) - before[path]
-    assert_update_is_gc(
-      step,
-      grad,
-      NNX_FAN_IN.get(path),
-      path=path,
-      scale=-lr,
-      atol_floor=param_step_atol(before[path]),
-    )
+  _assert_first_step_is_gc(before, after, grads, NNX_FAN_IN, NNX_OTHER, lr)
   losses = [float(loss0)] + [
     float(_nnx_step(model, optimizer, tokens, labels)[0]) for _ in range(30)
   ]
@@ -283,18 +287,7 @@ def test_linen_train_state_with_boxed_scan_params_applies_gc_of_the_gradient_and
   trace = nn.get_partition_spec(new_state.opt_state)[1][0].trace
   assert trace["stack"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
   before, after = leaves_by_path(state.params), leaves_by_path(new_state.params)
-  assert set(grads) == set(LINEN_FAN_IN) | LINEN_OTHER
-  # The first momentum step is -lr * GC(gradient), leaf by leaf.
-  for path, grad in grads.items():
-    step = after[path].astype(np.float64) - before[path]
-    assert_update_is_gc(
-      step,
-      grad,
-      LINEN_FAN_IN.get(path),
-      path=path,
-      scale=-lr,
-      atol_floor=param_step_atol(before[path]),
-    )
+  _assert_first_step_is_gc(before, after, grads, LINEN_FAN_IN, LINEN_OTHER, lr)
   state, losses = new_state, [float(loss0)]
   for _ in range(30):
     state, loss, _ = _linen_step(state, tokens, labels)
