@@ -19,7 +19,8 @@ DOT_MIN_SIZE = 2**16
 # Rows of the dot's constant operand, all equal: XLA:CPU hands a dot with 2 or
 # more rows to YNNPACK, which ran GC+adamw on the ResNet-50 pytree at 1.10x adamw
 # against 1.21x for its own 1-row matrix-vector product. The extra row costs
-# arithmetic, not memory traffic.
+# arithmetic, not memory traffic. Batched dots (a scan's layer axis) keep 1 row:
+# there YNNPACK was slower (a (12, 768, 3072) leaf: 6.8 ms against 3.8 ms).
 ROWS = 2
 
 
@@ -53,7 +54,8 @@ def _fan_in_sum(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array 
     dims = ((axes, tuple(range(len(axes)))), ((), ()))
     return jax.lax.dot_general(g, weights, dims, precision=precision)[..., 0]
   # (batch..., fan-in..., out...): (batched) vectors times a matrix.
-  weights = jnp.full(g.shape[:lead] + (ROWS,) + fan, scale, g.dtype)
+  rows = ROWS if lead == 0 else 1
+  weights = jnp.full(g.shape[:lead] + (rows,) + fan, scale, g.dtype)
   batch = tuple(range(lead))
   dims = ((tuple(range(lead + 1, lead + 1 + len(axes))), axes), (batch, batch))
   total = jax.lax.dot_general(weights, g, dims, precision=precision)
