@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import optax_gc
 
 STEPS = 3
-RULES = ((r"blocks/lin/kernel$", (-2,)),)
+RULES = ((r"(blocks/lin|big/stack)/kernel$", (-2,)), (r"big/torch/kernel$", "all_but_first"))
 
 # leaf: (shape, fan-in axes written by hand for the flax layouts, or None).
 LEAVES = {
@@ -38,9 +38,12 @@ LEAVES = {
   "attn/out/kernel": ((4, 2, 16), (0, 1)),  # (heads, head_dim, out)
   "blocks/lin/kernel": ((2, 16, 8), (1,)),  # nnx.vmap stack: (layers, in, out)
   "dense/bias": ((8,), None),
-  # Large enough (2**16 elements) for the transform's dot path (a matrix-vector
-  # product for the fan-in sum), which must not gather either.
+  # Large enough (2**16 elements) for the transform's dot path (the fan-in sum
+  # as a dot with a constant), which must not gather either: fan-in first,
+  # batched by a stack's layer axis, and fan-in last (a torch layout).
   "big/kernel": ((256, 256), (0,)),
+  "big/stack/kernel": ((4, 128, 128), (1,)),
+  "big/torch/kernel": ((256, 256), (1,)),
 }
 
 # How each leaf is laid out on the mesh, per case.
@@ -52,6 +55,8 @@ SPECS = {
     "blocks/lin/kernel": P(None, ("data", "model"), None),
     "dense/bias": P(None),
     "big/kernel": P("model", None),
+    "big/stack/kernel": P(None, "model", None),
+    "big/torch/kernel": P(None, "model"),
   },
   "fan_out": {
     "dense/kernel": P(None, "model"),
@@ -60,6 +65,8 @@ SPECS = {
     "blocks/lin/kernel": P("data", None, "model"),
     "dense/bias": P("model"),
     "big/kernel": P(None, "model"),
+    "big/stack/kernel": P("data", None, "model"),
+    "big/torch/kernel": P("model", None),
   },
   "both": {
     "dense/kernel": P("data", "model"),
@@ -68,6 +75,8 @@ SPECS = {
     "blocks/lin/kernel": P(None, "data", "model"),
     "dense/bias": P("model"),
     "big/kernel": P("data", "model"),
+    "big/stack/kernel": P(None, "data", "model"),
+    "big/torch/kernel": P("data", "model"),
   },
 }
 
