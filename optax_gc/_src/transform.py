@@ -68,12 +68,13 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   The mean is ``sum(g * 2**-k) * (2**k / n)`` with ``2**k >= n``: scaling by a
   power of two is exact, and the scaled sum cannot overflow, so a finite float32
   input near 1e37 keeps a finite, accurate mean (``jnp.mean`` overflows there).
-  The difference is clipped to the leaf dtype's finite range, where the exact
-  result (up to twice the largest input) is not representable. The reduction
-  keeps dims and never reshapes, so a sharded leaf only adds an all-reduce. For
-  float32 leaves of 2**16 elements or more with contiguous fan-in axes (every
-  preset layout) the sum is a dot with a constant of ``2**-k``, which reads the
-  leaf once (see ``_fan_in_sum``).
+  The difference is clamped to the leaf dtype's finite range, where the exact
+  result (up to twice the largest input) is not representable. The sum reduces
+  over ``axes`` and is broadcast back, never reshaped, so a sharded leaf only
+  adds an all-reduce. For float32 leaves of 2**16 elements or more with
+  contiguous fan-in axes (every preset layout) the sum is a dot with a constant
+  of ``2**-k``, which reads the leaf once (see ``_fan_in_sum``). A static
+  ``strength`` of 1.0 adds no multiply; any other scales the small mean.
 
   Example:
     >>> import jax.numpy as jnp
@@ -82,18 +83,33 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
      [ 1. -2.]]
   """
   compute = jnp.promote_types(g.dtype, jnp.float32)
-  x = g.astype(compute)
+  x = g if g.dtype == compute else g.astype(compute)
   n = math.prod(g.shape[a] for a in axes)
   k = math.ceil(math.log2(n))
-  total = _fan_in_sum(g, axes, 2.0**-k)  # None for low-precision leaves: summed below
+  total = _fan_in_sum(g, axes, 2.0**-k)  # None for low-precision or small leaves
   if total is None:
-    mean = jnp.sum(x * 2.0**-k, axis=axes, keepdims=True) * (2.0**k / n)
-  else:
-    kept = tuple(d for d in range(g.ndim) if d not in axes)
-    mean = jax.lax.broadcast_in_dim(total * (2.0**k / n), g.shape, kept)
-  out = x - jnp.asarray(strength, compute) * mean
-  big = jnp.finfo(g.dtype).max
-  return jnp.clip(out, -big, big).astype(g.dtype)
+    total = jnp.sum(x * 2.0**-k, axis=axes)
+  mean = total * (2.0**k / n)
+  if not (isinstance(strength, numbers.Real) and strength == 1.0):
+    mean = mean * jnp.asarray(strength, compute)
+  kept = tuple(d for d in range(g.ndim) if d not in axes)
+  big = np.asarray(jnp.finfo(g.dtype).max, compute)
+  out = jax.lax.clamp(-big, x - jax.lax.broadcast_in_dim(mean, g.shape, kept), big)
+  return out if out.dtype == g.dtype else out.astype(g.dtype)
+
+
+def map_fan_in(fn, tree, compiled: tuple[rules_lib.Rule, ...]):
+  """Applies ``fn(leaf, axes)`` to every leaf the rules give fan-in axes; others pass through.
+
+  The one place a leaf's path, shape and dtype go to ``rules.decide``.
+  """
+
+  def leaf_fn(keypath, g):
+    shape, dtype = tuple(np.shape(g)), np.dtype(jnp.result_type(g))
+    axes = rules_lib.decide(path_string(keypath), shape, dtype, compiled).axes
+    return g if axes is None else fn(g, axes)
+
+  return jax.tree_util.tree_map_with_path(leaf_fn, tree)
 
 
 def _check_strength(strength) -> None:
@@ -209,14 +225,9 @@ def centralize(
     _check_tree(params, compiled, strict)
     return optax.EmptyState()
 
-  def leaf_fn(keypath, g):
-    shape, dtype = tuple(np.shape(g)), np.dtype(jnp.result_type(g))
-    axes = rules_lib.decide(path_string(keypath), shape, dtype, compiled).axes
-    return g if axes is None else centre(g, axes, strength)
-
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(leaf_fn, updates), state
+    return map_fan_in(lambda g, axes: centre(g, axes, strength), updates, compiled), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
