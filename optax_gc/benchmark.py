@@ -5,7 +5,8 @@ the same process, interleaving the variants round by round so that load from
 other processes hits every variant alike:
 
 1. ``update``: the optimizer update alone, jitted with donated buffers, on a
-   ResNet-50-shaped and a Transformer-shaped Flax parameter pytree.
+   ResNet-50-shaped and a Transformer-shaped Flax parameter pytree (or, with
+   ``--pytrees``, on pytrees of kernels of one shape).
 2. ``train``: a whole train step (forward, backward, update) of a small CNN and
    a small Transformer (needs flax: ``pip install optax_gc[experiments]``).
 3. ``compile``: trace and compile time of a jitted update of a many-leaf pytree.
@@ -13,7 +14,10 @@ other processes hits every variant alike:
    optimizer state bytes, with and without GC.
 
 Times are medians over rounds; a ratio is the median over rounds of the
-variant's time divided by its base's time in the same round.
+variant's time divided by its base's time in the same round. Besides
+``optax.centralize``, the update and memory parts time ``plain_centralize``,
+GC as it is usually written (``g - jnp.mean(g, axes)``, without optax_gc's
+overflow guards), as a reference for what a column-mean GC costs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -37,20 +42,24 @@ import optax
 
 import optax_gc
 from optax_gc._src import rules as rules_lib
+from optax_gc._src.transform import map_fan_in
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 PARTS = ("update", "train", "compile", "memory")
+NAMED_PYTREES = ("resnet50", "transformer")
 # nn.scan stacks the MLP kernels as (layers, in, out): average over `in` only.
 # The preset's attention entries already use negative axes, so they need no rule.
 TRANSFORMER_RULES = ((r"layers/mlp/[^/]+/kernel$", (-2,)),)
 BASELINE = "optax.centralize + adamw"
 GC = "optax_gc.centralize + adamw"
+PLAIN = "plain jnp.mean GC + adamw (unguarded)"
 # --variants keys: the update and memory parts' variants by short name.
 VARIANTS = {
   "adamw": "adamw",
   "optax_centralize": BASELINE,
   "centralize": GC,
+  "plain": PLAIN,
   "with_centralization": "with_centralization(adamw)",
   "adamw_gc": "adamw_gc",
   "adam": "adam",
@@ -141,6 +150,20 @@ def transformer_shapes(scale: float = 1.0, layers: int = 12) -> dict:
   }
 
 
+def uniform_shapes(shape: tuple[int, ...], params: int) -> dict:
+  """Kernels ``layer{i}/kernel`` all of one ``shape``, about ``params`` parameters in all.
+
+  To see how GC's cost depends on the size of a leaf (``--pytrees 2304x256``).
+
+  Example:
+    >>> import jax
+    >>> len(jax.tree.leaves(uniform_shapes((2304, 256), 25_600_000)))
+    43
+  """
+  n = max(1, round(params / math.prod(shape)))
+  return {"params": {f"layer{i}": {"kernel": _sds(*shape)} for i in range(n)}}
+
+
 def many_leaves_shapes(leaves: int = 2000) -> dict:
   """Blocks of a conv kernel, its norm scale and bias, a Dense kernel and bias."""
   block = {
@@ -174,6 +197,31 @@ def _materialize(shapes: Any, seed: int, std: float) -> Any:
 # Variants and timing.
 
 
+def plain_centralize(rules=()) -> optax.GradientTransformation:
+  """GC as it is usually written, ``g - jnp.mean(g, axes, keepdims=True)``: a cost reference.
+
+  Same axes as ``optax_gc.centralize(rules)``, decided by the same function,
+  without its guards: float32 gradients near 1e37 make the mean overflow to
+  inf, and ``jnp.mean`` leaves the reduction's form to XLA. The benchmark uses
+  it to show what the guarded arithmetic costs; do not train with it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> g = {"kernel": jnp.array([[1.0, 2.0], [3.0, 0.0]])}
+    >>> print(plain_centralize().update(g, optax.EmptyState())[0]["kernel"])
+    [[-1.  1.]
+     [ 1. -1.]]
+  """
+  compiled = rules_lib.compile_rules(rules)
+
+  def update(updates, state, params=None):
+    del params
+    plain = lambda g, axes: g - jnp.mean(g, axes, keepdims=True)  # noqa: E731
+    return map_fan_in(plain, updates, compiled), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def update_variants(
   rules=(), keys: tuple[str, ...] | None = None
 ) -> dict[str, tuple[str, optax.GradientTransformation]]:
@@ -193,6 +241,7 @@ def update_variants(
       "adamw",
       optax.chain(optax_gc.centralize(rules), adamw()),
     ),
+    PLAIN: ("adamw", optax.chain(plain_centralize(rules), adamw())),
     "with_centralization(adamw)": ("adamw", optax_gc.with_centralization(adamw(), rules)),
     "adamw_gc": ("adamw", optax_gc.adamw_gc(LEARNING_RATE, weight_decay=WEIGHT_DECAY, rules=rules)),
     "adam": ("adam", optax.adam(LEARNING_RATE)),
@@ -565,7 +614,7 @@ def targets(results: dict) -> list[dict]:
       if rows:
         ratio(f"{what} {rows[0]['leaves']} leaves: GC+adamw / adamw", rows, "vs_base", 1.10)
   for tree, rows in results.get("memory", {}).items():
-    gc_rows = [r for r in rows if r["variant"] not in (r["base"], BASELINE)]
+    gc_rows = [r for r in rows if r["variant"] not in (r["base"], BASELINE, PLAIN)]
     if not gc_rows:
       continue
     extra = max(r["extra_state_bytes"] for r in gc_rows)
@@ -720,6 +769,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "(ResNet-50 25.6M, Transformer 100M at 1.0)",
   )
   parser.add_argument(
+    "--pytrees",
+    default="resnet50,transformer",
+    help="update and memory parts: comma-separated pytrees, of resnet50, transformer, or a "
+    "kernel shape such as 3x3x512x512 (that many such kernels as ResNet-50 has parameters)",
+  )
+  parser.add_argument(
     "--resnet-blocks",
     default="3,4,6,3",
     help="update and memory parts: bottleneck blocks per ResNet stage (%(default)s: ResNet-50)",
@@ -791,6 +846,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       if not flags & given:
         setattr(args, key, value)
   args.parts = [p for p in args.parts.split(",") if p]
+  args.pytrees = tuple(t for t in args.pytrees.split(",") if t)
+  bad = [t for t in args.pytrees if t not in NAMED_PYTREES and not re.fullmatch(r"\d+(x\d+)+", t)]
+  if bad or not args.pytrees:
+    parser.error(f"--pytrees {bad}: give resnet50, transformer or a kernel shape like 3x3x512x512")
   args.variants = tuple(v for v in args.variants.split(",") if v)
   if set(args.variants) - set(VARIANTS):
     parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}")
@@ -812,10 +871,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, log=print) -> dict:
   """Runs the parts ``args`` asks for; returns the results (what ``--json`` writes)."""
   target_s = args.target_ms / 1e3
-  trees = {
-    "resnet50": (resnet50_shapes(args.scale, args.resnet_blocks), ()),
+  resnet = resnet50_shapes(args.scale, args.resnet_blocks)
+  named = {
+    "resnet50": (resnet, ()),
     "transformer": (transformer_shapes(args.scale, args.layers), TRANSFORMER_RULES),
   }
+  uniform = lambda t: uniform_shapes(tuple(int(n) for n in t.split("x")), _size(resnet)[1])  # noqa: E731
+  trees = {t: named[t] if t in named else (uniform(t), ()) for t in args.pytrees}
   results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
   log("machine:", results["machine"], flush=True)
   keys = args.variants
@@ -852,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
       python -m optax_gc.benchmark                      # everything, full sizes
       python -m optax_gc.benchmark --scale 0.25         # pytrees of a quarter the size
       python -m optax_gc.benchmark --parts compile --leaves 10000
+      python -m optax_gc.benchmark --parts update --pytrees resnet50,4608x512
       python -m optax_gc.benchmark --parts update,memory --json out.json
       python -m optax_gc.benchmark --tiny               # seconds: checks that it runs
       optax-gc-benchmark --help

@@ -5,8 +5,13 @@ import math
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
+import optax_gc
 from optax_gc import benchmark
 
 # Each GC variant's base comes along; a few variants keep the test fast.
@@ -94,10 +99,49 @@ def test_report_has_every_table(results):
 
 
 def test_bad_arguments_are_refused():
-  with pytest.raises(SystemExit):
-    benchmark.parse_args(["--parts", "update,nope"])
-  with pytest.raises(SystemExit):
-    benchmark.parse_args(["--variants", "nope"])
+  for argv in (
+    ["--parts", "update,nope"],
+    ["--variants", "nope"],
+    ["--pytrees", "resnet"],
+    ["--pytrees", "3x"],
+    ["--pytrees", ","],
+  ):
+    with pytest.raises(SystemExit):
+      benchmark.parse_args(argv)
+
+
+def test_uniform_pytree_and_plain_reference_run():
+  argv = ["--tiny", "--parts", "update,memory", "--pytrees", "transformer,64x32"]
+  results = benchmark.run(
+    benchmark.parse_args(argv + ["--variants", "plain"]), log=lambda *a, **k: None
+  )
+  assert sorted(results["update"]) == ["64x32", "transformer"]
+  uniform = benchmark.uniform_shapes(
+    (64, 32), benchmark._size(benchmark.resnet50_shapes(0.0005, (1, 0, 0, 1)))[1]
+  )
+  assert results["update"]["64x32"]["leaves"] == len(jax.tree.leaves(uniform)) >= 1
+  for part in ("update", "memory"):
+    for tree in ("64x32", "transformer"):
+      rows = results[part][tree] if part == "memory" else results[part][tree]["rows"]
+      assert {r["variant"] for r in rows} == {"adamw", benchmark.PLAIN}
+
+
+def test_plain_reference_is_gc_on_the_same_axes_but_unguarded():
+  """Equal to optax_gc.centralize on ordinary gradients; inf where centralize stays finite."""
+  shapes = benchmark.transformer_shapes(0.0005, 2)
+  grads = benchmark._materialize(shapes, 3, 1.0)
+  plain = benchmark.plain_centralize(benchmark.TRANSFORMER_RULES)
+  ours = optax_gc.centralize(benchmark.TRANSFORMER_RULES)
+  a, _ = plain.update(grads, optax.EmptyState())
+  b, _ = ours.update(grads, optax.EmptyState())
+  changed = 0
+  for x, y, g in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    changed += not np.array_equal(x, g)
+  assert changed >= 4  # q, k, v, out and the MLP kernels are centred
+  big = {"kernel": jnp.full((4, 3), 3e38, jnp.float32)}
+  assert not np.isfinite(plain.update(big, optax.EmptyState())[0]["kernel"]).all()
+  assert np.isfinite(ours.update(big, optax.EmptyState())[0]["kernel"]).all()
 
 
 def test_console_form_exits_0_and_documents_its_options():
@@ -105,5 +149,5 @@ def test_console_form_exits_0_and_documents_its_options():
     [sys.executable, "-m", "optax_gc.benchmark", "--help"], capture_output=True, text=True
   )
   assert result.returncode == 0, result.stderr
-  for option in ("--parts", "--scale", "--leaves", "--trace-only", "--tiny", "--json"):
+  for option in ("--parts", "--pytrees", "--scale", "--leaves", "--trace-only", "--tiny", "--json"):
     assert option in result.stdout
