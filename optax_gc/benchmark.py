@@ -756,7 +756,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prog="optax-gc-benchmark",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog="Full sizes take about 20 minutes on 2 CPU cores; --tiny takes seconds (for tests).",
+    epilog="Full sizes take about 5 minutes on 2 CPU cores; --tiny takes seconds (for tests).",
   )
   parser.add_argument(
     "--parts", default=",".join(PARTS), help="comma-separated parts to run, of: %(default)s"
