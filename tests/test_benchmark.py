@@ -53,7 +53,31 @@ def test_update_rows_and_ratios(results):
       assert row["base"] == "adamw"
       for key in ("median_ms", "vs_base", "vs_base_q25", "vs_base_q75", "vs_optax_centralize"):
         assert _finite_positive(row[key]), (tree, row)
+      for key in ("gbps", "copy_gbps", "vs_copy"):
+        assert _finite_positive(row[key]), (tree, row)
     assert rows["adamw"]["vs_base"] == 1.0
+
+
+def test_step_bytes_count_each_centred_leaf_once_more():
+  resnet = benchmark.resnet50_shapes(0.01)  # shapes only; no kernel has a fan-in of 1
+  leaves = jax.tree.leaves(resnet)
+  nbytes = sum(4 * math.prod(x.shape) for x in leaves)
+  kernels = sum(4 * math.prod(x.shape) for x in leaves if len(x.shape) > 1)
+  assert benchmark.step_bytes(resnet, (), "adamw") == 7 * nbytes
+  # In ResNet-50 the preset centres exactly the conv and fc kernels, as optax.centralize does.
+  for variant in (GC, benchmark.BASELINE, benchmark.PLAIN, "adam_gc"):
+    assert benchmark.step_bytes(resnet, (), variant) == 7 * nbytes + kernels, variant
+  # In the Transformer optax.centralize also centres the embedding and the scan stack's
+  # (layers, features) biases and norm parameters; optax_gc centres kernels only.
+  tf = benchmark.transformer_shapes(0.01, 2)
+  flat = jax.tree_util.tree_flatten_with_path(tf)[0]
+  not_kernels = sum(
+    4 * math.prod(x.shape) for path, x in flat if len(x.shape) > 1 and path[-1].key != "kernel"
+  )
+  assert not_kernels > 4 * math.prod(tf["params"]["embed"]["embedding"].shape)
+  rules = benchmark.TRANSFORMER_RULES
+  ours = benchmark.step_bytes(tf, rules, GC)
+  assert benchmark.step_bytes(tf, rules, benchmark.BASELINE) - ours == not_kernels
 
 
 def test_train_rows(results):
