@@ -1,5 +1,6 @@
 """The benchmark runs on tiny sizes and reports what it should. Speed is never asserted here."""
 
+import copy
 import json
 import math
 import subprocess
@@ -120,6 +121,18 @@ def test_report_has_every_table(results):
     assert title in text
   assert "### Memory: resnet50" in text and "### Memory: transformer" in text
   assert f"| {GC} |" in text
+
+
+def test_gpu_bandwidth_target_needs_at_least_085_of_copy(results):
+  on_gpu = copy.deepcopy(results)
+  on_gpu["machine"]["platform"] = "gpu"
+  for vs_copy, met in ((0.9, True), (0.8, False)):
+    for res in on_gpu["update"].values():
+      for row in res["rows"]:
+        row["vs_copy"] = vs_copy
+    rows = [t for t in benchmark.targets(on_gpu) if "copy GB/s" in t["target"]]
+    assert len(rows) == 2 and all(t["met"] is met for t in rows), rows
+  assert not any("copy GB/s" in t["target"] for t in benchmark.targets(results))
 
 
 def test_bad_arguments_are_refused():
