@@ -204,7 +204,9 @@ def step_bytes(shapes: Any, rules, variant: str) -> int:
     centred = _nbytes([x for x in leaves if len(x.shape) > 1])
   else:
     plan = optax_gc.explain(shapes, rules).rows
-    centred = sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in plan if r.axes)
+    centred = sum(
+      math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in plan if r.axes is not None
+    )
   return 7 * _nbytes(leaves) + centred
 
 
@@ -253,9 +255,11 @@ def plain_centralize(rules=()) -> optax.GradientTransformation:
   """
   compiled = rules_lib.compile_rules(rules)
 
+  def plain(g, axes):
+    return g - jnp.mean(g, axes, keepdims=True)
+
   def update(updates, state, params=None):
     del params
-    plain = lambda g, axes: g - jnp.mean(g, axes, keepdims=True)  # noqa: E731
     return map_fan_in(plain, updates, compiled), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -830,14 +834,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "--scale",
     type=float,
     default=1.0,
-    help="update and memory parts: multiplies the parameter count of both pytrees "
+    help="update and memory parts: multiplies the parameter count of the pytrees "
     "(ResNet-50 25.6M, Transformer 100M at 1.0)",
   )
   parser.add_argument(
     "--pytrees",
     default="resnet50,transformer",
     help="update and memory parts: comma-separated pytrees, of resnet50, transformer, or a "
-    "kernel shape such as 3x3x512x512 (that many such kernels as ResNet-50 has parameters)",
+    "kernel shape such as 3x3x512x512 (enough such kernels for ResNet-50's parameter count)",
   )
   parser.add_argument(
     "--resnet-blocks",
@@ -941,8 +945,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
     "resnet50": (resnet, ()),
     "transformer": (transformer_shapes(args.scale, args.layers), TRANSFORMER_RULES),
   }
-  uniform = lambda t: uniform_shapes(tuple(int(n) for n in t.split("x")), _size(resnet)[1])  # noqa: E731
-  trees = {t: named[t] if t in named else (uniform(t), ()) for t in args.pytrees}
+
+  def tree(name: str) -> tuple[dict, Any]:
+    if name in named:
+      return named[name]
+    return uniform_shapes(tuple(int(n) for n in name.split("x")), _size(resnet)[1]), ()
+
+  trees = {name: tree(name) for name in args.pytrees}
   results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
   log("machine:", results["machine"], flush=True)
   keys = args.variants
