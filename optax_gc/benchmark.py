@@ -280,10 +280,7 @@ def update_variants(
   variants = {
     "adamw": ("adamw", adamw()),
     BASELINE: ("adamw", optax.chain(optax.centralize(), adamw())),
-    "optax_gc.centralize + adamw": (
-      "adamw",
-      optax.chain(optax_gc.centralize(rules), adamw()),
-    ),
+    GC: ("adamw", optax.chain(optax_gc.centralize(rules), adamw())),
     PLAIN: ("adamw", optax.chain(plain_centralize(rules), adamw())),
     "with_centralization(adamw)": ("adamw", optax_gc.with_centralization(adamw(), rules)),
     "adamw_gc": ("adamw", optax_gc.adamw_gc(LEARNING_RATE, weight_decay=WEIGHT_DECAY, rules=rules)),
@@ -449,7 +446,7 @@ def bench_compile(leaves: int, rounds: int, trace_only: bool = False) -> list[di
   factories = {
     "adamw": adamw,
     BASELINE: lambda: optax.chain(optax.centralize(), adamw()),
-    "optax_gc.centralize + adamw": lambda: optax.chain(optax_gc.centralize(), adamw()),
+    GC: lambda: optax.chain(optax_gc.centralize(), adamw()),
   }
   times: dict[str, dict[str, list[float]]] = {
     k: {n: [] for n in factories} for k in ("trace", "compile", "total")
@@ -575,7 +572,7 @@ def bench_train(
   ).items():
     variants = update_variants()
     runners, bases = {}, {}
-    for name in ("adamw", BASELINE, "optax_gc.centralize + adamw"):
+    for name in ("adamw", BASELINE, GC):
       base, tx = variants[name]
       p = jax.tree.map(jnp.copy, params)
       state = jax.jit(tx.init)(p)
@@ -946,12 +943,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     "transformer": (transformer_shapes(args.scale, args.layers), TRANSFORMER_RULES),
   }
 
-  def tree(name: str) -> tuple[dict, Any]:
+  def pytree(name: str) -> tuple[dict, Any]:
     if name in named:
       return named[name]
     return uniform_shapes(tuple(int(n) for n in name.split("x")), _size(resnet)[1]), ()
 
-  trees = {name: tree(name) for name in args.pytrees}
+  trees = {name: pytree(name) for name in args.pytrees}
   results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
   log("machine:", results["machine"], flush=True)
   keys = args.variants
