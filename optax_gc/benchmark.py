@@ -736,7 +736,8 @@ def report(results: dict) -> str:
     copy = res["rows"][0].get("copy_gbps")
     out.append(
       f"### Update alone: {tree} ({res['leaves']} leaves, "
-      f"{res['params'] / 1e6:.2f}M params)\n\n{_time_table(res['rows'])}\n"
+      f"{res['params'] / 1e6:.2f}M params, {res.get('dtype', 'float32')})\n\n"
+      f"{_time_table(res['rows'])}\n"
       + (
         f"\nA streaming copy of as many bytes (x + 1, donated): {copy:.1f} GB/s.\n" if copy else ""
       )
@@ -839,6 +840,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default="resnet50,transformer",
     help="update and memory parts: comma-separated pytrees, of resnet50, transformer, or a "
     "kernel shape such as 3x3x512x512 (enough such kernels for ResNet-50's parameter count)",
+  )
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="update and memory parts: the parameters' and gradients' dtype (default %(default)s)",
   )
   parser.add_argument(
     "--resnet-blocks",
@@ -945,8 +952,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
   def pytree(name: str) -> tuple[dict, Any]:
     if name in named:
-      return named[name]
-    return uniform_shapes(tuple(int(n) for n in name.split("x")), _size(resnet)[1]), ()
+      shapes, rules = named[name]
+    else:
+      shapes, rules = uniform_shapes(tuple(int(n) for n in name.split("x")), _size(resnet)[1]), ()
+    dtype = jnp.dtype(args.dtype)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes), rules
 
   trees = {name: pytree(name) for name in args.pytrees}
   results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
@@ -958,7 +968,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for tree, (shapes, rules) in trees.items():
       n_leaves, n_params = _size(shapes)
       rows = bench_update(shapes, rules, args.rounds, target_s, keys, stats[tree])
-      results["update"][tree] = {"leaves": n_leaves, "params": n_params, "rows": rows}
+      results["update"][tree] = {
+        "leaves": n_leaves,
+        "params": n_params,
+        "dtype": args.dtype,
+        "rows": rows,
+      }
       log(f"update {tree} done", flush=True)
   if "train" in args.parts:
     results["train"] = bench_train(
@@ -986,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
       python -m optax_gc.benchmark --scale 0.25         # pytrees of a quarter the size
       python -m optax_gc.benchmark --parts compile --leaves 10000
       python -m optax_gc.benchmark --parts update --pytrees resnet50,4608x512
+      python -m optax_gc.benchmark --parts update,memory --dtype bfloat16
       python -m optax_gc.benchmark --parts update,memory --json out.json
       python -m optax_gc.benchmark --tiny               # seconds: checks that it runs
       optax-gc-benchmark --help

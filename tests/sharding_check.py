@@ -21,6 +21,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
@@ -29,7 +30,10 @@ from jax.sharding import PartitionSpec as P
 import optax_gc
 
 STEPS = 3
-RULES = ((r"(blocks/lin|big/stack)/kernel$", (-2,)), (r"big/torch/kernel$", "all_but_first"))
+RULES = (
+  (r"(blocks/lin|big/stack(_bf16)?)/kernel$", (-2,)),
+  (r"big/torch/kernel$", "all_but_first"),
+)
 
 # leaf: (shape, fan-in axes written by hand for the flax layouts, or None).
 LEAVES = {
@@ -44,7 +48,11 @@ LEAVES = {
   "big/kernel": ((256, 256), (0,)),
   "big/stack/kernel": ((4, 128, 128), (1,)),
   "big/torch/kernel": ((256, 256), (1,)),
+  "big/stack_bf16/kernel": ((4, 128, 128), (1,)),  # bfloat16 params and gradients
 }
+# bfloat16 leaves: GC within bfloat16 rounding of float64 (2**-8 relative), the
+# parameters within one bfloat16 ulp of one device's (2**-7), instead of 1e-5.
+BF16 = {"big/stack_bf16/kernel"}
 
 # How each leaf is laid out on the mesh, per case.
 SPECS = {
@@ -57,6 +65,7 @@ SPECS = {
     "big/kernel": P("model", None),
     "big/stack/kernel": P(None, "model", None),
     "big/torch/kernel": P(None, "model"),
+    "big/stack_bf16/kernel": P(None, "model", None),
   },
   "fan_out": {
     "dense/kernel": P(None, "model"),
@@ -67,6 +76,7 @@ SPECS = {
     "big/kernel": P(None, "model"),
     "big/stack/kernel": P("data", None, "model"),
     "big/torch/kernel": P("model", None),
+    "big/stack_bf16/kernel": P("data", None, "model"),
   },
   "both": {
     "dense/kernel": P("data", "model"),
@@ -77,6 +87,7 @@ SPECS = {
     "big/kernel": P("data", "model"),
     "big/stack/kernel": P(None, "data", "model"),
     "big/torch/kernel": P("data", "model"),
+    "big/stack_bf16/kernel": P(None, "data", "model"),
   },
 }
 
@@ -108,7 +119,9 @@ def _flat(tree, prefix=""):
 def _arrays(seed, offset):
   rng = np.random.default_rng(seed)
   return {
-    path: rng.normal(offset, 1.0, size=shape).astype(np.float32)
+    path: np.asarray(
+      rng.normal(offset, 1.0, size=shape), jnp.bfloat16 if path in BF16 else np.float32
+    )
     for path, (shape, _) in LEAVES.items()
   }
 
@@ -174,7 +187,8 @@ def check_case(axis_type, case, reference, params_np, grads_np):
   # it keeps the gradient's sharding.
   expected = _gc64(grads_np[0])
   for path, value in _flat(centred).items():
-    if not np.allclose(np.asarray(value), expected[path], rtol=1e-5, atol=1e-5):
+    tol = 2.0**-8 if path in BF16 else 1e-5
+    if not np.allclose(np.asarray(value, np.float64), expected[path], rtol=tol, atol=1e-5):
       failures.append(f"{name}: GC of {path} differs from NumPy float64")
     if not _same_sharding(value.sharding, NamedSharding(mesh, specs[path]), value.ndim):
       failures.append(f"{name}: GC changed the sharding of {path} to {value.sharding}")
@@ -182,8 +196,9 @@ def check_case(axis_type, case, reference, params_np, grads_np):
   # Same parameters as on one device.
   final = _flat(history[-1][0])
   for path, value in reference.items():
-    if not np.allclose(np.asarray(final[path]), value, rtol=1e-5, atol=1e-6):
-      err = np.max(np.abs(np.asarray(final[path]) - value))
+    got, tol = np.asarray(final[path], np.float64), 2.0**-7 if path in BF16 else 1e-5  # 1 ulp
+    if not np.allclose(got, np.asarray(value, np.float64), rtol=tol, atol=1e-6):
+      err = np.max(np.abs(got - value))
       failures.append(f"{name}: {path} after {STEPS} steps differs from one device by {err}")
 
   # Every parameter and state leaf keeps its sharding across steps; the

@@ -142,13 +142,15 @@ def test_bad_arguments_are_refused():
     ["--pytrees", "resnet"],
     ["--pytrees", "3x"],
     ["--pytrees", ","],
+    ["--dtype", "float16"],
   ):
     with pytest.raises(SystemExit):
       benchmark.parse_args(argv)
 
 
-def test_uniform_pytree_and_plain_reference_run():
+def test_uniform_pytree_plain_reference_and_bf16_run():
   argv = ["--tiny", "--parts", "update,memory", "--pytrees", "transformer,64x32"]
+  argv += ["--dtype", "bfloat16"]
   results = benchmark.run(
     benchmark.parse_args(argv + ["--variants", "plain"]), log=lambda *a, **k: None
   )
@@ -161,6 +163,10 @@ def test_uniform_pytree_and_plain_reference_run():
     for tree in ("64x32", "transformer"):
       rows = results[part][tree] if part == "memory" else results[part][tree]["rows"]
       assert {r["variant"] for r in rows} == {"adamw", benchmark.PLAIN}
+  # bfloat16 parameters: adamw's state is its int32 count and two bf16 moments.
+  params = results["update"]["64x32"]["params"]
+  assert results["update"]["64x32"]["dtype"] == "bfloat16"
+  assert results["memory"]["64x32"][0]["state_bytes"] == 4 + 2 * 2 * params
 
 
 def test_plain_reference_is_gc_on_the_same_axes_but_unguarded():

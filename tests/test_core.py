@@ -353,10 +353,31 @@ def test_large_leaf_path_matches_float64(shape, axes):
 
 
 @pytest.mark.parametrize(("shape", "axes"), LARGE, ids=[str(s) for s, _ in LARGE])
-def test_large_leaf_update_writes_no_full_size_temporary(shape, axes):
-  # GC's only necessary cost is one more read of the gradient: XLA's temporary
-  # buffers for a jitted GC+adamw step stay far below one copy of the leaf.
-  params = {"w": jnp.zeros(shape)}
+def test_large_bf16_leaf_is_summed_in_float32(shape, axes):
+  # bf16 gradients near 1.3 that differ by about 1%: a bf16 sum would be off by
+  # a few percent; the float32 one agrees with float64 to 1e-5.
+  g = (1.3 + 0.01 * np.random.default_rng(0).normal(size=shape)).astype(jnp.bfloat16)
+  g64 = np.asarray(g, np.float64)
+  total = _fan_in_sum(jnp.asarray(g), axes, 2.0**-3)
+  assert total is not None and total.dtype == jnp.float32
+  np.testing.assert_allclose(total, g64.sum(axes) * 2.0**-3, rtol=1e-5)
+  out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes), np.float64)
+  want = g64 - g64.mean(axes, keepdims=True)
+  assert np.all(np.abs(out - want) <= 2.0**-8 * np.abs(want) + 1e-6)
+
+
+# Temporaries of a jitted GC+adamw step, in leaves: float32 stays far below
+# one. For bf16, XLA:CPU computes the centred gradient once for adamw's two
+# moment updates instead of in each: one leaf, as for any elementwise GC (the
+# plain jnp.mean one keeps two); a reduction's float32 copy would add two more.
+TEMP_LEAVES = {jnp.float32: 0.25, jnp.bfloat16: 1.5}
+
+
+@pytest.mark.parametrize("dtype", list(TEMP_LEAVES), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(("shape", "axes"), LARGE, ids=[str(s) for s, _ in LARGE])
+def test_large_leaf_update_writes_no_full_size_temporary(shape, axes, dtype):
+  # GC's only necessary cost is one more read of the gradient.
+  params = {"w": jnp.zeros(shape, dtype)}
   tx = optax.chain(optax_gc.centralize([("w", axes)], preset=None), optax.adamw(1e-3))
 
   def step(p, s, g):
@@ -365,5 +386,5 @@ def test_large_leaf_update_writes_no_full_size_temporary(shape, axes):
 
   state = tx.init(params)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-  leaf_bytes = math.prod(shape) * 4
-  assert compiled.memory_analysis().temp_size_in_bytes < leaf_bytes // 4
+  leaf_bytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+  assert compiled.memory_analysis().temp_size_in_bytes < TEMP_LEAVES[dtype] * leaf_bytes

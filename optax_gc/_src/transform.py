@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from functools import partial
 from typing import Literal
 
 import jax
@@ -19,8 +20,9 @@ DOT_MIN_SIZE = 2**16
 # Rows of the dot's constant operand, all equal: XLA:CPU hands a dot with 2 or
 # more rows to YNNPACK, which ran GC+adamw on the ResNet-50 pytree at 1.10x adamw
 # against 1.21x for its own 1-row matrix-vector product. The extra row costs
-# arithmetic, not memory traffic. Batched dots (a scan's layer axis) keep 1 row:
-# there YNNPACK was slower (a (12, 768, 3072) leaf: 6.8 ms against 3.8 ms).
+# arithmetic, not memory traffic. Batched float32 dots (a scan's layer axis) keep
+# 1 row: there YNNPACK was slower (a (12, 768, 3072) leaf: 6.8 ms against 3.8 ms).
+# Batched bfloat16 dots keep 2: with 1, XLA:CPU converts the leaf to float32 first.
 ROWS = 2
 
 
@@ -31,34 +33,43 @@ def _fan_in_sum(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array 
   nothing of its size. ``jnp.sum(g * scale, axes)`` does not on XLA:CPU (jax
   0.10): it becomes a YNNPACK fusion that writes a full-size temporary (64 MiB
   for the ResNet-50 update, against 0.8 MiB with the dot), an extra pass over
-  memory that made GC+adamw twice as slow as adamw. The dot applies to float32
-  and float64 leaves whose fan-in axes are contiguous: kept axes before them
-  become batch axes, so no operand is transposed. ``scale`` (a power of two) is
-  exact in the constant, the products are exact, and the accumulation is in the
-  leaf's dtype at ``Precision.HIGHEST``; the result has the kept axes in order.
+  memory that made GC+adamw twice as slow as adamw (for bfloat16 leaves it
+  writes a float32 copy, twice the leaf's bytes). The dot applies to float32,
+  float64 and bfloat16 leaves whose fan-in axes are contiguous: kept axes before
+  them become batch axes, so no operand is transposed. ``scale`` (a power of
+  two) is exact in the constant, the products are exact, and the accumulation is
+  in float32 or the leaf's wider dtype at ``Precision.HIGHEST``; the result has
+  the kept axes in order. (float16 keeps the reduction: its ``2**-k`` is subnormal,
+  which XLA:CPU flushes to zero, for fan-ins over 2**14.)
   Leaves smaller than ``DOT_MIN_SIZE`` keep the reduction. A leaf sharded on an
   ``AxisType.Explicit`` mesh keeps the reduction, whose sharding rule needs no
   gather (a dot with a replicated constant would add one).
   """
   ndim = g.ndim
-  if g.dtype not in (jnp.float32, jnp.float64) or axes != tuple(range(axes[0], axes[-1] + 1)):
+  if g.dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
+    return None
+  if axes != tuple(range(axes[0], axes[-1] + 1)):
     return None
   if g.size < DOT_MIN_SIZE:
     return None
   if any(s is not None for s in getattr(jax.typeof(g).sharding, "spec", ())):
     return None
   lead, fan = axes[0], tuple(g.shape[a] for a in axes)
-  precision = jax.lax.Precision.HIGHEST
+  dot = partial(
+    jax.lax.dot_general,
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.promote_types(g.dtype, jnp.float32),
+  )
   if axes[-1] == ndim - 1:  # (kept..., fan-in...): a matrix times vectors
     weights = jnp.full(fan + (ROWS,), scale, g.dtype)
     dims = ((axes, tuple(range(len(axes)))), ((), ()))
-    return jax.lax.dot_general(g, weights, dims, precision=precision)[..., 0]
+    return dot(g, weights, dims)[..., 0]
   # (batch..., fan-in..., out...): (batched) vectors times a matrix.
-  rows = ROWS if lead == 0 else 1
+  rows = ROWS if lead == 0 or g.dtype == jnp.bfloat16 else 1
   weights = jnp.full(g.shape[:lead] + (rows,) + fan, scale, g.dtype)
   batch = tuple(range(lead))
   dims = ((tuple(range(lead + 1, lead + 1 + len(axes))), axes), (batch, batch))
-  total = jax.lax.dot_general(weights, g, dims, precision=precision)
+  total = dot(weights, g, dims)
   return jax.lax.index_in_dim(total, 0, axis=lead, keepdims=False)
 
 
@@ -72,13 +83,15 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   (1e-34 for a fan-in of 4,608) become subnormal after the scaling, which
   XLA:CPU flushes to zero, so a leaf made only of such tiny gradients gets a
   less accurate mean (relative error 4e-5 at 1e-33, against 2e-6 unscaled).
+  Taking the unscaled sum too and using it where finite fixes that, but made
+  GC+adamw 5-8% slower (XLA fuses the choice into every element's update).
   The difference is clamped to the leaf dtype's finite range, where the exact
   result (up to twice the largest input) is not representable. The sum reduces
   over ``axes`` and is broadcast back, never reshaped, so a sharded leaf only
-  adds an all-reduce. For float32 leaves of 2**16 elements or more with
-  contiguous fan-in axes (every preset layout) the sum is a dot with a constant
-  of ``2**-k``, which reads the leaf once (see ``_fan_in_sum``). A static
-  ``strength`` of 1.0 adds no multiply; any other scales the small mean.
+  adds an all-reduce. For float32 and bfloat16 leaves of 2**16 elements or more
+  with contiguous fan-in axes (every preset layout) the sum is a dot with a
+  constant of ``2**-k``, which reads the leaf once (see ``_fan_in_sum``). A
+  static ``strength`` of 1.0 adds no multiply; any other scales the small mean.
 
   Example:
     >>> import jax.numpy as jnp
