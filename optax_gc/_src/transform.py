@@ -83,8 +83,8 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   (1e-34 for a fan-in of 4,608) become subnormal after the scaling, which
   XLA:CPU flushes to zero, so a leaf made only of such tiny gradients gets a
   less accurate mean (relative error 4e-5 at 1e-33, against 2e-6 unscaled).
-  Taking the unscaled sum too and using it where finite fixes that, but made
-  GC+adamw 5-8% slower (XLA fuses the choice into every element's update).
+  Taking the unscaled sum too (a second row of the dot) and using it where
+  finite fixes that, but made GC+adamw 4-8% slower (BENCHMARKS.md).
   The difference is clamped to the leaf dtype's finite range, where the exact
   result (up to twice the largest input) is not representable. The sum reduces
   over ``axes`` and is broadcast back, never reshaped, so a sharded leaf only
