@@ -9,7 +9,8 @@ output axis, and on both, it checks that a jitted optimizer step
 
 - centres the sharded gradient as NumPy float64 does, with the fan-in axes
   written down here;
-- gives the same parameters as the same step on one device (rtol 1e-5);
+- gives the same parameters as the same step on one device (rtol 1e-5, one
+  ulp for the bfloat16 leaf);
 - keeps the sharding of every parameter and optimizer-state leaf across steps;
 - compiles to HLO whose only collective is all-reduce (no all-gather).
 
