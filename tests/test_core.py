@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_gc
-from optax_gc._src.transform import DOT_MIN_SIZE, _fan_in_sum, centre
+from optax_gc._src.transform import DOT_MIN_SIZE, _dot_applies, _fan_in_dot, centre
 
 GC = optax_gc.centralize()
 
@@ -344,7 +344,7 @@ LARGE = [
 def test_large_leaf_path_matches_float64(shape, axes):
   assert math.prod(shape) >= DOT_MIN_SIZE
   g = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-  assert _fan_in_sum(jnp.asarray(g), axes, 1.0) is not None
+  assert _dot_applies(jnp.asarray(g), axes)
   want = g.astype(np.float64) - g.astype(np.float64).mean(axes, keepdims=True)
   out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes))
   np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * np.abs(g).max())
@@ -358,12 +358,24 @@ def test_large_bf16_leaf_is_summed_in_float32(shape, axes):
   # a few percent; the float32 one agrees with float64 to 1e-5.
   g = (1.3 + 0.01 * np.random.default_rng(0).normal(size=shape)).astype(jnp.bfloat16)
   g64 = np.asarray(g, np.float64)
-  total = _fan_in_sum(jnp.asarray(g), axes, 2.0**-3)
-  assert total is not None and total.dtype == jnp.float32
+  assert _dot_applies(jnp.asarray(g), axes)
+  total = _fan_in_dot(jnp.asarray(g), axes, 2.0**-3)
+  assert total.dtype == jnp.float32
   np.testing.assert_allclose(total, g64.sum(axes) * 2.0**-3, rtol=1e-5)
   out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes), np.float64)
   want = g64 - g64.mean(axes, keepdims=True)
   assert np.all(np.abs(out - want) <= 2.0**-8 * np.abs(want) + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_the_dot_is_for_xla_cpu_alone_other_backends_reduce(dtype):
+  # Lowered for each platform without its hardware (jax.export): XLA:CPU gets
+  # the dot, GPUs and TPUs the reduction their XLA fuses.
+  leaf = jax.ShapeDtypeStruct((512, 256), dtype)
+  step = jax.jit(lambda g: centre(g, (0,)))
+  for platform, dot in (("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)):
+    text = jax.export.export(step, platforms=[platform])(leaf).mlir_module()
+    assert ("stablehlo.dot_general" in text, "stablehlo.reduce" in text) == (dot, not dot)
 
 
 # Temporaries of a jitted GC+adamw step, in leaves: float32 stays far below

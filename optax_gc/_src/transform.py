@@ -26,41 +26,45 @@ DOT_MIN_SIZE = 2**16
 ROWS = 2
 
 
-def _fan_in_sum(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array | None:
-  """``sum(g * scale, axes)`` as one dot with a constant, or None where it does not apply.
+def _dot_applies(g: jax.Array, axes: tuple[int, ...]) -> bool:
+  """Whether ``_fan_in_dot`` takes this leaf's fan-in sum on XLA:CPU.
+
+  float32, float64 and bfloat16 leaves of ``DOT_MIN_SIZE`` elements or more
+  whose fan-in axes are contiguous (every preset layout). float16 keeps the
+  reduction: its ``2**-k`` is subnormal, which XLA:CPU flushes to zero, for
+  fan-ins over 2**14. A leaf sharded on an ``AxisType.Explicit`` mesh keeps the
+  reduction, whose sharding rule needs no gather (a dot with a replicated
+  constant would add one).
+  """
+  return (
+    g.dtype in (jnp.float32, jnp.float64, jnp.bfloat16)
+    and axes == tuple(range(axes[0], axes[-1] + 1))
+    and g.size >= DOT_MIN_SIZE
+    and not any(s is not None for s in getattr(jax.typeof(g).sharding, "spec", ()))
+  )
+
+
+def _fan_in_dot(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array:
+  """``sum(g * scale, axes)`` as one dot with a constant: XLA:CPU's fast form.
 
   A dot of the leaf with a constant of ``scale`` reads the leaf once and writes
   nothing of its size. ``jnp.sum(g * scale, axes)`` does not on XLA:CPU (jax
   0.10): it becomes a YNNPACK fusion that writes a full-size temporary (64 MiB
   for the ResNet-50 update, against 0.8 MiB with the dot), an extra pass over
   memory that made GC+adamw twice as slow as adamw (for bfloat16 leaves it
-  writes a float32 copy, twice the leaf's bytes). The dot applies to float32,
-  float64 and bfloat16 leaves whose fan-in axes are contiguous: kept axes before
-  them become batch axes, so no operand is transposed. ``scale`` (a power of
-  two) is exact in the constant, the products are exact, and the accumulation is
-  in float32 or the leaf's wider dtype at ``Precision.HIGHEST``; the result has
-  the kept axes in order. (float16 keeps the reduction: its ``2**-k`` is subnormal,
-  which XLA:CPU flushes to zero, for fan-ins over 2**14.)
-  Leaves smaller than ``DOT_MIN_SIZE`` keep the reduction. A leaf sharded on an
-  ``AxisType.Explicit`` mesh keeps the reduction, whose sharding rule needs no
-  gather (a dot with a replicated constant would add one).
+  writes a float32 copy, twice the leaf's bytes). Kept axes before the fan-in
+  become batch axes, so no operand is transposed. ``scale`` (a power of two) is
+  exact in the constant, the products are exact, and the accumulation is in
+  float32 or the leaf's wider dtype at ``Precision.HIGHEST``; the result has the
+  kept axes in order. For the leaves ``_dot_applies`` accepts.
   """
-  ndim = g.ndim
-  if g.dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
-    return None
-  if axes != tuple(range(axes[0], axes[-1] + 1)):
-    return None
-  if g.size < DOT_MIN_SIZE:
-    return None
-  if any(s is not None for s in getattr(jax.typeof(g).sharding, "spec", ())):
-    return None
   lead, fan = axes[0], tuple(g.shape[a] for a in axes)
   dot = partial(
     jax.lax.dot_general,
     precision=jax.lax.Precision.HIGHEST,
     preferred_element_type=jnp.promote_types(g.dtype, jnp.float32),
   )
-  if axes[-1] == ndim - 1:  # (kept..., fan-in...): a matrix times vectors
+  if axes[-1] == g.ndim - 1:  # (kept..., fan-in...): a matrix times vectors
     weights = jnp.full(fan + (ROWS,), scale, g.dtype)
     dims = ((axes, tuple(range(len(axes)))), ((), ()))
     return dot(g, weights, dims)[..., 0]
@@ -88,10 +92,11 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   The difference is clamped to the leaf dtype's finite range, where the exact
   result (up to twice the largest input) is not representable. The sum reduces
   over ``axes`` and is broadcast back, never reshaped, so a sharded leaf only
-  adds an all-reduce. For float32 and bfloat16 leaves of 2**16 elements or more
-  with contiguous fan-in axes (every preset layout) the sum is a dot with a
-  constant of ``2**-k``, which reads the leaf once (see ``_fan_in_sum``). A
-  static ``strength`` of 1.0 adds no multiply; any other scales the small mean.
+  adds an all-reduce. On XLA:CPU, for float32 and bfloat16 leaves of 2**16
+  elements or more with contiguous fan-in axes (every preset layout), the sum
+  is a dot with a constant of ``2**-k``, which reads the leaf once (see
+  ``_fan_in_dot``); other backends keep the reduction, which their XLA fuses.
+  A static ``strength`` of 1.0 adds no multiply; any other scales the small mean.
 
   Example:
     >>> import jax.numpy as jnp
@@ -103,9 +108,18 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   x = g if g.dtype == compute else g.astype(compute)
   n = math.prod(g.shape[a] for a in axes)
   k = math.ceil(math.log2(n))
-  total = _fan_in_sum(g, axes, 2.0**-k)  # None for low-precision or small leaves
-  if total is None:
-    total = jnp.sum(x * 2.0**-k, axis=axes)
+  scale = 2.0**-k
+
+  def reduction(g, x):  # the form every backend's XLA fuses
+    return jnp.sum(x * scale, axis=axes)
+
+  def dot(g, x):  # XLA:CPU's fast form (see _fan_in_dot)
+    return _fan_in_dot(g, axes, scale)
+
+  if _dot_applies(g, axes):
+    total = jax.lax.platform_dependent(g, x, cpu=dot, default=reduction)
+  else:
+    total = reduction(g, x)
   mean = total * (2.0**k / n)
   if not (isinstance(strength, numbers.Real) and strength == 1.0):
     mean = mean * jnp.asarray(strength, compute)
