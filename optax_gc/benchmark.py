@@ -390,11 +390,12 @@ def bench_update(
   runners[COPY] = _copy_runner(total)
   times = interleave(runners, rounds, target_s)
   copy = times.pop(COPY)
+  copy_gbps = 2 * total / statistics.median(copy) / 1e9
   rows = summarize(times, bases)
   for row in rows:
     moved = step_bytes(shapes, rules, row["variant"])
     row["gbps"] = moved / statistics.median(times[row["variant"]]) / 1e9
-    row["copy_gbps"] = 2 * total / statistics.median(copy) / 1e9
+    row["copy_gbps"] = copy_gbps
     row["vs_copy"] = _ratio(copy, times[row["variant"]])[0] * moved / (2 * total)
   return rows
 
