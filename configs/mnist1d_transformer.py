@@ -1,11 +1,10 @@
 """MNIST-1D as a sequence of 10 patches, a 2-layer Transformer with scanned blocks, Adam.
 
 The blocks are stacked by ``nnx.vmap`` (a leading layer axis on every block
-parameter). The ``flax`` preset gets the attention kernels right through their
-negative axes; the MLP kernels ``(layers, in, out)`` need the rule below, which
-averages over ``in`` only and keeps the layer axis. ``gc_plan.txt`` in the run
-folder shows the decision for every parameter. 3000 steps (half the CNN's) keep a
-5-seed comparison within about 10 minutes on 2 CPU cores.
+parameter); ``optax_gc.rules_for`` reads each kernel's fan-in from the model and
+keeps that axis. ``gc_plan.txt`` in the run folder shows the decision for every
+parameter. 3000 steps (half the CNN's) keep a 5-seed comparison within about 10
+minutes on 2 CPU cores.
 
   optax-gc-compare --config=configs/mnist1d_transformer.py --config.optimizer=sgd
 """
@@ -24,7 +23,6 @@ def get_config():
   config.model.num_layers = 2
   config.model.mlp_dim = 64
   config.num_steps = 3000
-  config.gc_rules = ((r"^blocks/mlp_(in|out)/kernel$", (-2,)),)
   config.adam.learning_rate = 1e-3
   config.sgd.learning_rate = 0.05
   return config

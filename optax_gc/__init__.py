@@ -1,18 +1,23 @@
-"""optax_gc: Gradient Centralization for optax, with per-leaf fan-in axes chosen by path rules."""
+"""optax_gc: Gradient Centralization for optax, each leaf's fan-in read from the model or a rule."""
 
+from optax_gc._src.derive import rules_for
 from optax_gc._src.optimizers import adam_gc, adamw_gc, sgd_gc
 from optax_gc._src.plan import Plan, Row, explain
+from optax_gc._src.rules import LayerRule, LayerRules
 from optax_gc._src.transform import centralize, with_centralization
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "LayerRule",
+  "LayerRules",
   "Plan",
   "Row",
   "adam_gc",
   "adamw_gc",
   "centralize",
   "explain",
+  "rules_for",
   "sgd_gc",
   "with_centralization",
 ]

@@ -42,7 +42,7 @@ import optax
 
 import optax_gc
 from optax_gc._src import rules as rules_lib
-from optax_gc._src.transform import map_fan_in
+from optax_gc._src.tree import map_fan_in
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
@@ -53,6 +53,7 @@ NAMED_PYTREES = ("resnet50", "transformer")
 TRANSFORMER_RULES = ((r"layers/mlp/[^/]+/kernel$", (-2,)),)
 BASELINE = "optax.centralize + adamw"
 GC = "optax_gc.centralize + adamw"
+GC_DERIVED = "optax_gc.centralize(rules_for(model)) + adamw"
 PLAIN = "plain jnp.mean GC + adamw (unguarded)"
 COPY = "copy (x + 1, donated)"
 # --variants keys: the update and memory parts' variants by short name.
@@ -173,6 +174,30 @@ def many_leaves_shapes(leaves: int = 2000) -> dict:
     "dense": {"kernel": _sds(64, 64), "bias": _sds(64)},
   }
   return {"params": {f"block{i}": block for i in range(max(1, leaves // 5))}}
+
+
+def many_leaves_rules(leaves: int = 2000):
+  """``optax_gc.rules_for`` of a linen model whose parameters are ``many_leaves_shapes``'s."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, y):
+      x = nn.LayerNorm(name="norm")(nn.Conv(16, (3, 3), use_bias=False, name="conv")(x))
+      return x, nn.Dense(64, name="dense")(y)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, y):
+      for i in range(max(1, leaves // 5)):
+        x, y = Block(name=f"block{i}")(x, y)
+      return x, y
+
+  inputs = (
+    jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32),
+    jax.ShapeDtypeStruct((1, 64), jnp.float32),
+  )
+  return optax_gc.rules_for(Model(), *inputs)
 
 
 def _size(tree: Any) -> tuple[int, int]:
@@ -443,11 +468,13 @@ def bench_compile(leaves: int, rounds: int, trace_only: bool = False) -> list[di
   10,000 leaves, where XLA's compile of even plain adamw takes minutes.
   """
   shapes = many_leaves_shapes(leaves)
+  derived = many_leaves_rules(leaves)
   adamw = partial(optax.adamw, LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   factories = {
     "adamw": adamw,
     BASELINE: lambda: optax.chain(optax.centralize(), adamw()),
     GC: lambda: optax.chain(optax_gc.centralize(), adamw()),
+    GC_DERIVED: lambda: optax.chain(optax_gc.centralize(derived), adamw()),
   }
   times: dict[str, dict[str, list[float]]] = {
     k: {n: [] for n in factories} for k in ("trace", "compile", "total")
@@ -676,6 +703,8 @@ def targets(results: dict) -> list[dict]:
       rows = [r for r in results["compile"] if r["phase"] == phase]
       if rows:
         ratio(f"{what} {rows[0]['leaves']} leaves: GC+adamw / adamw", rows, "vs_base", 1.10)
+        what = f"{what} {rows[0]['leaves']} leaves: GC(rules_for)+adamw / adamw"
+        ratio(what, rows, "vs_base", 1.10, variant=GC_DERIVED)
   for tree, rows in results.get("memory", {}).items():
     gc_rows = [r for r in rows if r["variant"] not in (r["base"], BASELINE, PLAIN)]
     if not gc_rows:

@@ -1,7 +1,11 @@
 """Independent references for the tests: NumPy, float64, written without optax_gc."""
 
+import re
+
 import jax
 import numpy as np
+
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
 
 
 def np_centre(g, axes, strength=1.0):
@@ -26,3 +30,20 @@ def flat(tree):
 def fan_in_sums(g, axes):
   """Sum over the fan-in, in float64: zero for every output unit after GC."""
   return np.asarray(g, dtype=np.float64).sum(axis=tuple(axes))
+
+
+def nest(flat_tree):
+  """The nested dict of ``{"a/b": leaf}``: the inverse of :func:`flat` for dicts."""
+  out = {}
+  for path, value in flat_tree.items():
+    node = out
+    *parents, last = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[last] = value
+  return out
+
+
+def collectives(hlo: str) -> list[str]:
+  """The collective operations in compiled HLO text (async ``-start`` forms included)."""
+  return sorted(op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", hlo))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from helpers import collectives, nest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -92,19 +93,6 @@ SPECS = {
   },
 }
 
-COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
-
-
-def _nest(flat):
-  out = {}
-  for path, value in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[last] = value
-  return out
-
 
 def _flat(tree, prefix=""):
   out = {}
@@ -155,8 +143,8 @@ def _run(place, params_np, grads_np):
   Returns the (params, opt_state) after each step, the compiled HLO text, and
   GC of the first gradient.
   """
-  params = _nest({p: place(p, v) for p, v in params_np.items()})
-  grads = [_nest({p: place(p, v) for p, v in g.items()}) for g in grads_np]
+  params = nest({p: place(p, v) for p, v in params_np.items()})
+  grads = [nest({p: place(p, v) for p, v in g.items()}) for g in grads_np]
   # Eager init, as nnx.Optimizer and TrainState.create do: optax's zeros_like
   # lays the moments out like the parameters. (jax.jit(TX.init) under an Auto
   # mesh would need out_shardings: nothing ties its zeros to the inputs.)
@@ -225,7 +213,7 @@ def check_case(axis_type, case, reference, params_np, grads_np):
         )
 
   # The only collective: all-reduce (of the fan-in means, where the fan-in is sharded).
-  found = {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", hlo)}
+  found = set(collectives(hlo))
   if found - {"all-reduce"}:
     lines = [
       line.strip()[:240]

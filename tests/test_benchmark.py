@@ -96,7 +96,7 @@ def test_compile_rows(results):
   assert {(r["phase"], r["variant"]) for r in rows} == {
     (phase, variant)
     for phase in ("trace", "compile", "total")
-    for variant in ("adamw", benchmark.BASELINE, GC)
+    for variant in ("adamw", benchmark.BASELINE, GC, benchmark.GC_DERIVED)
   }
   assert all(r["leaves"] == 10 for r in rows)
   assert all(_finite_positive(r["median_ms"]) and _finite_positive(r["vs_base"]) for r in rows)

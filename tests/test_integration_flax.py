@@ -131,14 +131,14 @@ def nnx_model():
 
 
 def test_nnx_plan_matches_the_hand_written_fan_in(nnx_model):
-  # The stacked kernel keeps its layer axis with the anchored rule; without it
-  # the preset would average over the layers (the trap the rule exists for).
+  # The stacked kernel keeps its layer axis with the anchored rule.
   state = nnx.state(nnx_model, nnx.Param)
   plan = optax_gc.explain(state, STACK_RULES)
   assert {r.path: r.axes for r in plan} == {
     p: NNX_FAN_IN.get(p) for p in NNX_FAN_IN | dict.fromkeys(NNX_OTHER)
   }
-  assert optax_gc.explain(state)["blocks/lin/kernel"].axes == (0, 1)
+  # The preset alone reads the stack from the kernel's sibling bias (layers, out).
+  assert optax_gc.explain(state)["blocks/lin/kernel"].axes == (1,)
 
 
 def test_nnx_optimizer_applies_gc_of_the_gradient_with_strict_anchored_rules_and_trains():

@@ -3,12 +3,10 @@
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optax_gc._src import rules as rules_lib
-from optax_gc._src.paths import path_string
+from optax_gc._src import tree as tree_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,9 +15,10 @@ class Row:
 
   path: str
   shape: tuple[int, ...]
-  dtype: np.dtype
+  dtype: object
   axes: tuple[int, ...] | None
   decided_by: str
+  guess: bool = False  # a preset guessed the layout: neither path nor tree settled it
   rule: rules_lib.Rule | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
@@ -33,7 +32,8 @@ class Plan:
 
   Index a plan by path (``plan["params/Dense_0/kernel"].axes``) or iterate over
   its rows. ``unmatched`` lists the floating leaves with 2 or more dimensions
-  that no rule decided; ``unused_rules`` the user rules that decided no leaf.
+  that no rule decided; ``guesses`` the leaves whose layout a preset guessed
+  (marked ``?`` in the table); ``unused_rules`` the user rules that decided no leaf.
   """
 
   rows: tuple[Row, ...]
@@ -63,6 +63,10 @@ class Plan:
     )
 
   @property
+  def guesses(self) -> tuple[Row, ...]:
+    return tuple(r for r in self.rows if r.guess)
+
+  @property
   def unused_rules(self) -> tuple[rules_lib.Rule, ...]:
     used = {r.rule for r in self.rows}
     return tuple(rule for rule in self.rules if rule.user and rule not in used)
@@ -74,7 +78,7 @@ class Plan:
         r.path or "<root>",
         str(r.shape),
         str(r.dtype),
-        "-" if r.axes is None else str(r.axes),
+        "-" if r.axes is None else str(r.axes) + ("?" if r.guess else ""),
         r.decided_by,
       )
       for r in self.rows
@@ -90,20 +94,25 @@ class Plan:
       f"{len(self.rows)} leaves: {len(centred)} centred ({size:,} parameters), "
       f"{len(self.rows) - len(centred)} unchanged"
     )
+    if self.guesses:
+      lines.append(
+        f"?: {len(self.guesses)} layouts guessed (strict=True refuses them; "
+        "optax_gc.rules_for(model) reads them)"
+      )
     return "\n".join(lines)
 
   __repr__ = __str__
 
 
-def make_plan(tree, rules: tuple[rules_lib.Rule, ...]) -> Plan:
-  """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx Variables)."""
-  rows = []
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    path = path_string(keypath)
-    shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
-    decision = rules_lib.decide(path, shape, dtype, rules)
-    rows.append(Row(path, shape, dtype, decision.axes, decision.reason, decision.rule))
-  return Plan(tuple(rows), rules)
+def make_plan(tree, rules: tuple[rules_lib.Rule, ...], remembered=None) -> Plan:
+  """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, Flax boxes, scalars, keys)."""
+  leaves, _, _ = tree_lib.flatten(tree)
+  decisions = tree_lib.decide_leaves(leaves, rules, remembered)
+  rows = tuple(
+    Row(leaf.path, leaf.shape, leaf.dtype, d.axes, d.reason, d.guess, d.rule)
+    for leaf, d in zip(leaves, decisions, strict=True)
+  )
+  return Plan(rows, rules)
 
 
 def explain(tree, rules: rules_lib.RulesLike = (), *, preset: str | None = "flax") -> Plan:
@@ -116,7 +125,9 @@ def explain(tree, rules: rules_lib.RulesLike = (), *, preset: str | None = "flax
 
   Args:
     tree: a pytree of parameters or gradients (or their shapes).
-    rules: ordered ``(pattern, axes)`` pairs, tried before the preset's rules.
+    rules: ordered ``(pattern, axes)`` pairs and :func:`optax_gc.rules_for`'s
+      rules, tried before the preset's; the plan names the layer each derived
+      rule came from.
     preset: ``"flax"``, ``"torch"`` or None, as in :func:`optax_gc.centralize`.
 
   Returns:
@@ -129,9 +140,9 @@ def explain(tree, rules: rules_lib.RulesLike = (), *, preset: str | None = "flax
     ...           "Embed_0": {"embedding": jnp.zeros((10, 4))}}
     >>> print(optax_gc.explain(params))
     path               shape    dtype    axes  decided by
-    Dense_0/bias       (4,)     float32  -     flax: bias
-    Dense_0/kernel     (3, 4)   float32  (0,)  flax: (..., in, out) kernel
-    Embed_0/embedding  (10, 4)  float32  -     flax: embedding
+    Dense_0/bias       (4,)     float32  -     flax: not a kernel
+    Dense_0/kernel     (3, 4)   float32  (0,)  flax: (in, out) kernel
+    Embed_0/embedding  (10, 4)  float32  -     flax: not a kernel
     3 leaves: 1 centred (12 parameters), 2 unchanged
   """
   return make_plan(tree, rules_lib.compile_rules(rules, preset))

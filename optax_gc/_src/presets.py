@@ -1,51 +1,130 @@
-"""The presets: which axes are each neuron's fan-in in common layouts.
+"""The presets: path-only guesses at each kernel's fan-in, for trees given without a model.
 
-Each entry is ``(pattern, axes, label, min_ndim)``; the entry applies to a leaf
-whose path matches ``pattern`` (``re.search``) and that has at least
-``min_ndim`` dimensions. User rules are tried first; the first match wins.
+A path says little about a layer (a stacked Dense kernel ``(L, in, out)`` looks
+like a 1-D conv kernel), so the presets are conservative: ``"flax"`` centres
+only leaves named ``kernel`` (linen, nnx) or ``w`` (Haiku), ``"torch"`` only
+``weight``. A kernel's layout is settled by its rank 2, by an attention name at
+rank 3, by a sibling bias (which holds the output axes and any stack axes in
+front), or by logical axis names that name a stack axis. Anything else is a
+guess, and says so: :func:`optax_gc.rules_for` reads the layout from the model.
+
+Each entry is ``(pattern, axes, label)``: the first whose pattern
+``re.search``es the leaf's path decides; ``axes`` is as in a user rule, or a
+function of ``(path, shape, hint)`` returning a :class:`Layout`.
 """
 
-# Leaves GC must never touch in either layout: embedding tables (their gradient
-# is sparse by row), biases of any rank (attention biases are (heads,
-# head_dim)), and norm scales and offsets.
-_EMBEDDING = (r"(^|/)[^/]*embeddings?$", None, "embedding", 0)
-_BIAS = (r"(^|/)([^/]*bias|b)$", None, "bias", 0)
-_NORM = (r"(^|/)(scale|offset)$", None, "norm scale/offset", 0)
+from typing import NamedTuple
 
+
+class Hint(NamedTuple):
+  """What the tree around a leaf shows: stack axes from logical names, a sibling bias."""
+
+  stack: tuple[int, ...] = ()  # axes whose logical name names a stack (e.g. "layers")
+  bias: tuple[int, ...] | None = None  # the sibling bias's shape, its named stack axes removed
+
+
+NO_HINT = Hint()
+
+
+class Layout(NamedTuple):
+  """A preset's reading of one leaf: fan-in axes (None: unchanged), why, and whether guessed."""
+
+  axes: tuple[int, ...] | None
+  label: str
+  guess: bool = False
+  conv: bool = False  # a conv kernel: what the conv-only presets keep
+
+
+_ATTENTION_IN = ("query", "key", "value")
+
+
+def _from_bias(kernel: tuple[int, ...], bias: tuple[int, ...], torch: bool):
+  """The fan-in axes the bias allows, or None when it fits no split of the kernel.
+
+  A kernel is ``(stack..., in..., out...)`` (Flax) or ``(stack..., out..., in...)``
+  (PyTorch) and its bias ``(stack..., out...)``: every split of the bias into
+  shared stack axes and output axes that matches the kernel is a candidate.
+  Returns ``(axes, ambiguous)``.
+  """
+  if torch:  # Equinox's conv bias is (out, 1, ..., 1): broadcast over the spatial axes
+    while len(bias) > 1 and bias[-1] == 1:
+      bias = bias[:-1]
+  found = []
+  for s in range(len(bias)):
+    n_out = len(bias) - s
+    n_in = len(kernel) - s - n_out
+    if n_in < 1 or kernel[:s] != bias[:s]:
+      continue
+    out = kernel[s : s + n_out] if torch else kernel[len(kernel) - n_out :]
+    if out == bias[s:]:
+      found.append(tuple(range(s + n_out, len(kernel)) if torch else range(s, s + n_in)))
+  if not found:
+    return None
+  # Several splits: the one with the most stack axes (a bias of rank 2 is more
+  # often a stacked (L, out) than a 2-D output).
+  return found[-1], len(set(found)) > 1
+
+
+def kernel_layout(path: str, shape: tuple[int, ...], hint: Hint, *, torch: bool) -> Layout:
+  """The fan-in of a ``kernel``/``w`` (Flax) or ``weight`` (PyTorch) leaf from its tree."""
+  kept = [i for i in range(len(shape)) if i not in hint.stack]
+  k = tuple(shape[i] for i in kept)
+  parts = path.split("/")
+  layer = "" if torch or len(parts) < 2 else parts[-2]  # query, key, value, out: attention
+  stacked = f", stack axes {hint.stack} kept (logical names)" if hint.stack else ""
+  layout = "(out, in, ...) weight" if torch else "(..., in, out) kernel"
+  if len(k) < 2:
+    return Layout(None, f"fewer than 2 dims{stacked}, unchanged")
+  if len(k) == 2:
+    label = ("(out, in) weight" if torch else "(in, out) kernel") + stacked
+    return Layout((kept[1],) if torch else (kept[0],), label)
+  from_bias = _from_bias(k, hint.bias, torch) if hint.bias is not None else None
+  if from_bias is not None:
+    fan_in, ambiguous = from_bias
+    label = f"{layout}, out axes from its bias {hint.bias}{stacked}"
+    if ambiguous:
+      label += "; guessed (the bias fits several splits)"
+  else:
+    ambiguous = True
+    if torch:
+      fan_in, label = tuple(range(1, len(k))), layout
+    elif layer in _ATTENTION_IN and len(k) >= 3:
+      fan_in, label = (len(k) - 3,), "attention q/k/v kernel (in, heads, head_dim)"
+      ambiguous = len(k) > 3
+    elif layer == "out" and len(k) >= 3:
+      fan_in, label = (len(k) - 3, len(k) - 2), "attention output kernel (heads, head_dim, out)"
+      ambiguous = len(k) > 3
+    else:
+      fan_in, label = tuple(range(len(k) - 1)), layout
+    label += stacked
+    if ambiguous:
+      label += "; guessed (rank > 2, no bias or logical names)"
+  conv = len(k) >= 3 and layer not in (*_ATTENTION_IN, "out")
+  return Layout(tuple(kept[a] for a in fan_in), label, ambiguous, conv)
+
+
+def _flax(path, shape, hint):
+  return kernel_layout(path, shape, hint, torch=False)
+
+
+def _torch(path, shape, hint):
+  return kernel_layout(path, shape, hint, torch=True)
+
+
+_KERNEL = r"(^|/)(kernel|w)$"
+_WEIGHT = r"(^|/)weight$"
+# PyTorch-layout leaves named "weight" that are not a layer's kernel.
 _TORCH_UNTOUCHED = (
-  (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding", 0),
-  _EMBEDDING,
-  _BIAS,
-  (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight", 0),
-  _NORM,
+  (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding"),
+  (r"(?i)(^|/)([^/]*norm[^/]*|ln[^/]*|bn[^/]*)/weight$", None, "norm weight"),
 )
-# The conv-only presets (the reference's "GCC") end with this: kernels of
-# fewer than 3 dimensions (Dense, Linear) stay unchanged.
-_NOT_CONV = (r"", None, "not a conv kernel", 0)
 
 PRESETS = {
-  # Flax linen and nnx, Haiku: kernels are (..., in, out).
-  "flax": (
-    _EMBEDDING,
-    _BIAS,
-    _NORM,
-    # (in, heads, head_dim): averaging across heads would mix neurons.
-    # The rank guard lets a 2-D Dense that happens to be named "query" fall
-    # through to the default, and keeps a stacked (L, in, heads, head_dim)
-    # kernel right, since -3 counts from the end.
-    (r"(^|/)(query|key|value)/kernel$", (-3,), "attention q/k/v kernel", 3),
-    (r"(^|/)out/kernel$", (-3, -2), "attention output kernel", 3),
-    (r"", "all_but_last", "(..., in, out) kernel", 0),
-  ),
-  # Equinox and weights kept in PyTorch layout: (out, in, *k).
-  "torch": _TORCH_UNTOUCHED + ((r"", "all_but_first", "(out, in, ...) weight", 0),),
-  "flax_conv": (
-    _EMBEDDING,
-    _BIAS,
-    _NORM,
-    (r"(^|/)(query|key|value|out)/kernel$", None, "attention kernel, not conv", 3),
-    (r"", "all_but_last", "conv kernel", 3),
-    _NOT_CONV,
-  ),
-  "torch_conv": _TORCH_UNTOUCHED + ((r"", "all_but_first", "conv weight", 3), _NOT_CONV),
+  "flax": ((_KERNEL, _flax, "kernel"), (r"", None, "not a kernel")),
+  "torch": _TORCH_UNTOUCHED + ((_WEIGHT, _torch, "weight"), (r"", None, "not a weight")),
 }
+# The conv-only presets (the reference's "GCC") centre a kernel only where it
+# has 3 or more dims outside any stack and is not an attention kernel.
+PRESETS["flax_conv"] = PRESETS["flax"]
+PRESETS["torch_conv"] = PRESETS["torch"]
+CONV_ONLY = frozenset({"flax_conv", "torch_conv"})

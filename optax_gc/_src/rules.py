@@ -4,16 +4,15 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import jax.numpy as jnp
-import numpy as np
 
-from optax_gc._src.presets import PRESETS
+from optax_gc._src import presets
+from optax_gc._src.presets import NO_HINT, Hint
 
 Axes = tuple[int, ...] | Literal["all_but_last", "all_but_first"] | None
-RulesLike = Mapping[str, Axes] | Iterable[tuple[str, Axes]]
 
 _NAMED_AXES = ("all_but_last", "all_but_first")
 _AXES_HELP = (
@@ -23,14 +22,60 @@ _AXES_HELP = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
-  """A compiled rule: leaves whose path matches ``pattern`` average over ``axes``."""
+class LayerRule:
+  """A rule derived from a model by :func:`optax_gc.rules_for`: one leaf, by exact path.
 
-  pattern: re.Pattern
-  axes: Axes
+  ``axes`` are the fan-in of a leaf of ``shape`` (None: unchanged); ``layer``
+  says which layer defines them. ``known=False`` records a parameter that no
+  known layer defines: it decides nothing, and ``explain`` says so.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  axes: tuple[int, ...] | None
+  layer: str
+  known: bool = True
+  guess: bool = False  # the stack axis was assumed: nothing in the model told it
+  conv: bool = False  # a conv kernel: what the conv-only presets keep
+
+  def __str__(self) -> str:
+    if not self.known:
+      return f"{self.path} {self.shape}: no rule ({self.layer})"
+    axes = "unchanged" if self.axes is None else f"axes {self.axes}"
+    return f"{self.path} {self.shape}: {axes} ({self.layer})"
+
+
+class LayerRules(tuple):
+  """The rules :func:`optax_gc.rules_for` derived: a tuple of :class:`LayerRule`.
+
+  Pass it as ``rules=`` anywhere, alone or after rules of your own
+  (``[(r"head/kernel$", None), *rules]``). ``print(rules)`` shows one line a rule.
+  """
+
+  def __str__(self) -> str:
+    return "\n".join(map(str, self))
+
+  def __repr__(self) -> str:
+    known = sum(r.known for r in self)
+    return f"LayerRules({known} leaves derived, {len(self) - known} not derived)"
+
+
+RulesLike = Mapping[str, Axes] | Iterable[tuple[str, Axes] | LayerRule]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rule:
+  """A compiled rule: leaves whose path matches ``pattern`` average over ``axes``.
+
+  A rule built from :class:`LayerRule` entries has a ``table`` instead: it
+  decides exactly the leaves whose path is a key of the table.
+  """
+
+  pattern: re.Pattern | None
+  axes: Axes | Callable[[str, tuple[int, ...], Hint], presets.Layout]
   name: str
-  min_ndim: int = 0
   preset: str | None = None  # None: the user's rule
+  table: Mapping[str, LayerRule] | None = None
 
   @property
   def user(self) -> bool:
@@ -39,11 +84,15 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """What :func:`decide` chose for one leaf: the axes (None: unchanged) and why."""
+  """What :func:`decide` chose for one leaf: the axes (None: unchanged) and why.
+
+  ``guess`` marks a layout that neither the path nor the tree settled.
+  """
 
   axes: tuple[int, ...] | None
   reason: str
   rule: Rule | None = None
+  guess: bool = False
 
 
 def _check_axes(axes, where: str) -> Axes:
@@ -76,11 +125,31 @@ def _compile_pattern(pattern, where: str) -> re.Pattern:
     ) from None
 
 
+def _table(entries: list[LayerRule], where: str) -> Rule:
+  """One rule that looks derived rules up by path.
+
+  A linen model's rules are keyed by the variables dict's paths
+  (``params/Dense_0/kernel``); the ``params`` collection given alone has them
+  without that prefix, so both are keys.
+  """
+  table = {r.path: r for r in entries}
+  for r in entries:
+    short = r.path.removeprefix("params/")
+    table.setdefault(short, r)
+  return Rule(None, None, f"{where} rules_for", table=table)
+
+
 @functools.lru_cache(maxsize=256)
 def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
-  compiled = []
+  compiled, layer_rules = [], []
   for i, item in enumerate(rules):
     where = f"rules[{i}]"
+    if isinstance(item, LayerRule):
+      layer_rules.append(item)
+      continue
+    if layer_rules:
+      compiled.append(_table(layer_rules, f"rules[{i - len(layer_rules)}:{i}]"))
+      layer_rules = []
     if not (isinstance(item, tuple) and len(item) == 2):
       raise ValueError(
         f"{where} is {item!r}; each rule must be a (pattern, axes) pair, "
@@ -90,9 +159,11 @@ def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
     regex = _compile_pattern(pattern, where)
     name = f"{where} {regex.pattern!r}"
     compiled.append(Rule(regex, _check_axes(axes, name), name))
+  if layer_rules:
+    compiled.append(_table(layer_rules, f"rules[{len(rules) - len(layer_rules)}:]"))
   if preset is not None:
-    for pattern, axes, label, min_ndim in PRESETS[preset]:
-      compiled.append(Rule(re.compile(pattern), axes, f"{preset}: {label}", min_ndim, preset))
+    for pattern, axes, label in presets.PRESETS[preset]:
+      compiled.append(Rule(re.compile(pattern), axes, f"{preset}: {label}", preset))
   return tuple(compiled)
 
 
@@ -107,9 +178,10 @@ def compile_rules(rules: RulesLike = (), preset: str | None = "flax") -> tuple[R
     >>> [r.name for r in compile_rules([(r"lin/kernel$", (0,))], preset=None)]
     ["rules[0] 'lin/kernel$'"]
   """
-  if preset is not None and preset not in PRESETS:
+  if preset is not None and preset not in presets.PRESETS:
     raise ValueError(
-      f"Unknown preset {preset!r}; use one of {sorted(PRESETS)} or None (only your own rules)."
+      f"Unknown preset {preset!r}; use one of {sorted(presets.PRESETS)} or None (only your "
+      "own rules)."
     )
   if isinstance(rules, (str, bytes)):
     raise ValueError(
@@ -138,7 +210,7 @@ def _resolve(rule: Rule, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if bad:
     raise ValueError(
       f"Leaf {path!r} with shape {shape} has no axis {bad[0]} (asked by {rule.name} "
-      f"{rule.pattern.pattern!r} with axes {rule.axes}). Give that leaf a rule of its "
+      f"with axes {rule.axes}). Give that leaf a rule of its "
       "own before this one, or anchor the pattern so it does not match it."
     )
   axes = tuple(sorted({a % ndim for a in rule.axes}))
@@ -150,8 +222,22 @@ def _resolve(rule: Rule, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return axes
 
 
+def _from_layer(rule: Rule, derived: LayerRule, path: str, shape, conv_only: bool) -> Decision:
+  if derived.shape != shape:
+    raise ValueError(
+      f"Leaf {path!r} has shape {shape}, but rules_for derived its rule from a leaf of "
+      f"shape {derived.shape} ({derived.layer}). Derive the rules from the model whose "
+      "parameters this tree holds."
+    )
+  if conv_only and derived.axes is not None and not derived.conv:
+    return Decision(None, f"{derived.layer}: not a conv kernel, unchanged", rule)
+  return Decision(derived.axes, derived.layer, rule, derived.guess)
+
+
 @functools.lru_cache(maxsize=65536)
-def decide(path: str, shape: tuple[int, ...], dtype: np.dtype, rules: tuple[Rule, ...]) -> Decision:
+def decide(
+  path: str, shape: tuple[int, ...], dtype, rules: tuple[Rule, ...], hint: Hint = NO_HINT
+) -> Decision:
   """Decides the axes GC averages over for one leaf. Every caller goes through here.
 
   Args:
@@ -159,6 +245,7 @@ def decide(path: str, shape: tuple[int, ...], dtype: np.dtype, rules: tuple[Rule
     shape: the leaf's shape.
     dtype: the leaf's dtype.
     rules: compiled rules, user rules first (see :func:`compile_rules`).
+    hint: what the tree shows around the leaf (for the presets).
 
   Returns:
     A :class:`Decision`: non-negative, sorted axes to average over, or None to
@@ -167,24 +254,40 @@ def decide(path: str, shape: tuple[int, ...], dtype: np.dtype, rules: tuple[Rule
   Example:
     >>> import numpy as np
     >>> d = decide("params/Dense_0/kernel", (3, 4), np.dtype("float32"), compile_rules())
-    >>> d.axes, d.reason
-    ((0,), 'flax: (..., in, out) kernel')
+    >>> d.axes, d.reason, d.guess
+    ((0,), 'flax: (in, out) kernel', False)
   """
   if not jnp.issubdtype(dtype, jnp.floating):
     return Decision(None, f"{dtype} leaf: never centred")
   if math.prod(shape) == 0:
     return Decision(None, "empty leaf: never centred")
+  conv_only = any(r.preset in presets.CONV_ONLY for r in rules)
+  note = ""
   for rule in rules:
-    if len(shape) < rule.min_ndim or not rule.pattern.search(path):
+    if rule.table is not None:
+      derived = rule.table.get(path)
+      if derived is not None and not derived.known:
+        note = f" (rules_for: {derived.layer})"
+      if derived is None or not derived.known:
+        continue
+      decision = _from_layer(rule, derived, path, shape, conv_only)
+    elif not rule.pattern.search(path):
       continue
-    if rule.axes is None:
-      return Decision(None, rule.name, rule)
-    axes = _resolve(rule, path, shape)
-    if not axes:
-      where = rule.preset or rule.name
-      return Decision(None, f"{where}: fewer than 2 dims, unchanged", rule)
-    if math.prod(shape[a] for a in axes) == 1:
+    elif callable(rule.axes):
+      layout = rule.axes(path, shape, hint)
+      axes = layout.axes if layout.conv or rule.preset not in presets.CONV_ONLY else None
+      label = layout.label if axes is not None or layout.axes is None else "not a conv kernel"
+      decision = Decision(axes, f"{rule.preset}: {label}", rule, layout.guess and axes is not None)
+    elif rule.axes is None:
+      decision = Decision(None, rule.name, rule)
+    else:
+      decision = Decision(_resolve(rule, path, shape), rule.name, rule)
+    if decision.axes is not None and len(decision.axes) == 0:
+      return Decision(None, f"{decision.reason} (no fan-in axis: unchanged){note}", rule)
+    if decision.axes is not None and math.prod(shape[a] for a in decision.axes) == 1:
       # A fan-in of one element is its own mean: GC would zero the gradient.
-      return Decision(None, f"{rule.name} (fan-in of size 1: unchanged)", rule)
-    return Decision(axes, rule.name, rule)
-  return Decision(None, "no rule matched")
+      return Decision(None, f"{decision.reason} (fan-in of size 1: unchanged){note}", rule)
+    if note:
+      decision = dataclasses.replace(decision, reason=decision.reason + note)
+    return decision
+  return Decision(None, "no rule matched" + note)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from optax_gc._src import rules as rules_lib
-from optax_gc._src.paths import path_string
+from optax_gc._src import tree as tree_lib
 from optax_gc._src.plan import make_plan
 
 # Leaves at least this large (in elements) sum their fan-in with a dot; smaller
@@ -129,20 +129,6 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   return out if out.dtype == g.dtype else out.astype(g.dtype)
 
 
-def map_fan_in(fn, tree, compiled: tuple[rules_lib.Rule, ...]):
-  """Applies ``fn(leaf, axes)`` to every leaf the rules give fan-in axes; others pass through.
-
-  The one place a leaf's path, shape and dtype go to ``rules.decide``.
-  """
-
-  def leaf_fn(keypath, g):
-    shape, dtype = tuple(np.shape(g)), np.dtype(jnp.result_type(g))
-    axes = rules_lib.decide(path_string(keypath), shape, dtype, compiled).axes
-    return g if axes is None else fn(g, axes)
-
-  return jax.tree_util.tree_map_with_path(leaf_fn, tree)
-
-
 def _check_strength(strength) -> None:
   if isinstance(strength, numbers.Real) and not 0.0 <= float(strength) <= 1.0:
     raise ValueError(
@@ -152,7 +138,7 @@ def _check_strength(strength) -> None:
     )
 
 
-def _check_tree(params, rules, strict: bool) -> None:
+def _check_tree(params, rules, strict: bool, remembered: dict) -> None:
   """The checks ``init`` runs: a flattened tree, and strict mode."""
   leaves = jax.tree_util.tree_leaves(params)
   if len(leaves) == 1 and leaves[0] is params and np.ndim(params) == 1:
@@ -164,16 +150,19 @@ def _check_tree(params, rules, strict: bool) -> None:
     )
   if not strict:
     return
-  plan = make_plan(params, rules)
-  problems = [
-    f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched
-  ] + [f"  {r.name}: matched no leaf" for r in plan.unused_rules]
+  plan = make_plan(params, rules, remembered)
+  problems = (
+    [f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched]
+    + [f"  leaf {r.path!r} {r.shape} {r.dtype}: guessed ({r.decided_by})" for r in plan.guesses]
+    + [f"  {r.name}: matched no leaf" for r in plan.unused_rules]
+  )
   if problems:
     raise ValueError(
       "centralize(strict=True) found:\n"
       + "\n".join(problems)
-      + "\nGive each listed leaf a rule (axes None leaves it unchanged) and fix or remove "
-      "each unused rule (a rule shadowed by an earlier one also counts as unused). "
+      + "\nDerive the rules from the model with optax_gc.rules_for(model, ...), or give each "
+      "listed leaf a rule (axes None leaves it unchanged); fix or remove each unused rule "
+      "(a rule shadowed by an earlier one also counts as unused). "
       "optax_gc.explain(params, rules, preset=...) shows every leaf's path and decision."
     )
 
@@ -188,13 +177,15 @@ def centralize(
   """Gradient Centralization: removes from each neuron's gradient its fan-in mean.
 
   For every leaf, the axes to average over (the neuron's fan-in) are chosen by
-  ``rules``, then by the ``preset``; the first pattern that matches the leaf's
+  ``rules``, then by the ``preset``; the first rule that matches the leaf's
   path wins. Each chosen leaf becomes ``g - strength * mean(g, axes)``. The
-  ``"flax"`` preset knows Flax and Haiku layouts: Dense and Conv kernels
-  ``(..., in, out)``, attention q/k/v ``(in, heads, head_dim)`` and output
-  ``(heads, head_dim, out)`` kernels; it leaves embeddings, biases, norm
-  parameters and leaves with fewer than 2 dimensions unchanged. Use
-  :func:`optax_gc.explain` to see the plan for a tree before training.
+  rules to give are those :func:`optax_gc.rules_for` derives from the model:
+  every parameter's fan-in as its layer defines it, stack axes kept. Without
+  them, the ``"flax"`` preset centres only ``kernel`` and ``w`` leaves, as
+  ``(..., in, out)``, with attention q/k/v ``(in, heads, head_dim)`` and output
+  ``(heads, head_dim, out)`` kernels; a sibling bias or logical axis names
+  show a stack; where nothing does, it guesses, and ``explain`` marks the guess.
+  Use :func:`optax_gc.explain` to see the plan for a tree before training.
 
   ``optax.centralize`` averages over every axis but the first (PyTorch's
   layout), which on a Flax kernel is not GC; ``preset="torch"`` does that, with
@@ -205,19 +196,19 @@ def centralize(
   ``ValueError`` when it sees one).
 
   Args:
-    rules: ordered ``(pattern, axes)`` pairs (or a dict), tried before the
-      preset's. ``pattern`` is a regular expression searched in the leaf's path
-      (``params/Conv_0/kernel``, ``layers/0/linear/kernel``; a trailing
-      ``value`` is dropped). ``axes``: a tuple of ints (negative ones count
-      from the end), ``"all_but_last"``, ``"all_but_first"``, or None to leave
-      the leaf unchanged.
+    rules: ordered ``(pattern, axes)`` pairs (or a dict) and the rules of
+      :func:`optax_gc.rules_for`, tried before the preset's. ``pattern`` is a
+      regular expression searched in the leaf's path (``params/Conv_0/kernel``,
+      ``layers/0/linear/kernel``; a trailing ``value`` is dropped). ``axes``:
+      a tuple of ints (negative ones count from the end), ``"all_but_last"``,
+      ``"all_but_first"``, or None to leave the leaf unchanged.
     preset: ``"flax"`` (also Haiku), ``"torch"`` (also Equinox), or None for
       only your rules (unmatched leaves are unchanged).
     strength: the fraction of the mean removed; 1.0 is the paper's GC, 0.0 the
       identity. May be traced, so ``optax.inject_hyperparams`` can schedule it.
     strict: if True, ``init`` raises ``ValueError`` listing every floating leaf
-      with 2 or more dimensions that no rule decided, and every user rule that
-      decided no leaf.
+      with 2 or more dimensions that no rule decided, every layout the preset
+      guessed, and every user rule that decided no leaf.
 
   Returns:
     A stateless :class:`optax.GradientTransformation`.
@@ -252,13 +243,21 @@ def centralize(
   if not isinstance(strict, bool):
     raise ValueError(f"strict must be True or False, got {strict!r}.")
 
+  # Logical axis names seen at init, by path: nnx.Optimizer calls init on
+  # Variables, which carry them, and update on plain arrays, which do not.
+  remembered = {}
+
   def init_fn(params):
-    _check_tree(params, compiled, strict)
+    remembered.update(tree_lib.names_seen(tree_lib.flatten(params)[0]))
+    _check_tree(params, compiled, strict, remembered)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    return map_fan_in(lambda g, axes: centre(g, axes, strength), updates, compiled), state
+    centred = tree_lib.map_fan_in(
+      lambda g, axes: centre(g, axes, strength), updates, compiled, remembered
+    )
+    return centred, state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

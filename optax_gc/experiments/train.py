@@ -26,11 +26,15 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
   return lr
 
 
-def make_optimizer(config: ml_collections.ConfigDict, gc: bool) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, gc: bool, rules=None
+) -> optax.GradientTransformation:
   """The config's optimizer: the paper's ``optax_gc.sgd_gc``/``adam_gc``, or the same without GC.
 
   Both apply coupled L2 (``g + weight_decay * p``) first, as the paper does;
   with GC the gradient is then centralized before momentum or Adam's moments.
+  ``rules`` (default: the config's ``gc_rules``) decide the fan-in axes; the
+  runner passes :func:`gc_rules`'s, derived from the model.
 
   Example:
     >>> import jax.numpy as jnp
@@ -47,7 +51,8 @@ def make_optimizer(config: ml_collections.ConfigDict, gc: bool) -> optax.Gradien
   """
   lr, wd = learning_rate(config), config.weight_decay
   l2 = [optax.add_decayed_weights(wd)] if wd else []
-  gc_args = {"rules": tuple(config.gc_rules), "preset": config_lib.preset(config)}
+  rules = tuple(config.gc_rules) if rules is None else rules
+  gc_args = {"rules": rules, "preset": config_lib.preset(config)}
   if config.optimizer == "sgd":
     o = config.sgd
     if gc:
@@ -87,6 +92,15 @@ def init_model(config: ml_collections.ConfigDict, ds: data.Dataset, seed: int):
   return nnx.split(model, nnx.Param, ...)
 
 
+def gc_rules(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple:
+  """The config's ``gc_rules``, then the rules ``optax_gc.rules_for`` derives from its model."""
+  kwargs = {k: v for k, v in config.model.items() if k != "kind"}
+  model = nnx.eval_shape(
+    lambda: models.make(config.model.kind, ds.x_train.shape[1:], ds.num_classes, 0, **kwargs)
+  )
+  return (*config.gc_rules, *optax_gc.rules_for(model))
+
+
 def make_functions(graphdef, tx: optax.GradientTransformation):
   """Jitted ``train_chunk`` (a ``lax.scan`` over a block of steps) and ``evaluate``."""
 
@@ -123,7 +137,7 @@ def prepare(config: ml_collections.ConfigDict):
   """
   ds = data.load(config.dataset, **config.data)
   _, params, _ = init_model(config, ds, config.first_seed)
-  rules = tuple(config.gc_rules)
+  rules = gc_rules(config, ds)
   try:
     plan = optax_gc.explain(params, rules, preset=config_lib.preset(config))
   except ValueError as e:
@@ -151,7 +165,9 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict:
   arrays = [jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)]
   x, y, x_test, y_test = arrays
   graphdef = init_model(config, ds, seeds[0])[0]
-  functions = {v: make_functions(graphdef, make_optimizer(config, v == "gc")) for v in VARIANTS}
+  rules = gc_rules(config, ds)
+  optimizers = {v: make_optimizer(config, v == "gc", rules) for v in VARIANTS}
+  functions = {v: make_functions(graphdef, optimizers[v]) for v in VARIANTS}
   curves = {
     v: {"train_loss": [], "test_loss": [], "test_accuracy": [], "wall_s": []} for v in VARIANTS
   }
@@ -172,8 +188,7 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict:
         name = f"{label}{' + GC' if variant == 'gc' else ''}"
         bar.set_description(f"{name}, seed {i + 1}/{len(seeds)}")
         train_chunk, evaluate = functions[variant]
-        tx_init = make_optimizer(config, variant == "gc").init
-        params, opt_state = params0, tx_init(params0)
+        params, opt_state = params0, optimizers[variant].init(params0)
         run = {k: [] for k in ("train_loss", "test_loss", "test_accuracy")}
         start_time = time.perf_counter()
         for start, stop in chunks:
