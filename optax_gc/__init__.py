@@ -3,16 +3,21 @@
 from optax_gc._src.derive import rules_for
 from optax_gc._src.optimizers import adam_gc, adamw_gc, sgd_gc
 from optax_gc._src.plan import Plan, Row, explain
-from optax_gc._src.rules import LayerRule, LayerRules
-from optax_gc._src.transform import centralize, with_centralization
+from optax_gc._src.rules import Axes, LayerRule, LayerRules, Preset, Rule, RulesLike
+from optax_gc._src.transform import On, centralize, with_centralization
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "Axes",
   "LayerRule",
   "LayerRules",
+  "On",
   "Plan",
+  "Preset",
   "Row",
+  "Rule",
+  "RulesLike",
   "adam_gc",
   "adamw_gc",
   "centralize",

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from helpers import collectives, nest, np_centre
+from helpers import collectives, flat, nest, np_centre, run_steps
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -84,18 +84,6 @@ SPECS = {
     "big/kernel": P("data", "model"),
   },
 }
-
-
-def _flat(tree):
-  """{path: leaf}, paths as optax_gc writes them (an nnx Variable's trailing "value" dropped)."""
-  return {
-    jax.tree_util.keystr(k, simple=True, separator="/").removesuffix("/value"): v
-    for k, v in _leaves(tree)
-  }
-
-
-def _leaves(tree):
-  return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _arrays(seed, offset):
@@ -177,7 +165,7 @@ def check_layout(case, mesh, workdir):
   params_np, grads_np = _arrays(0, 0.0), [_arrays(1 + t, 0.5) for t in range(STEPS)]
   params = nest({p: _global(v, shardings[p]) for p, v in params_np.items()})
   grads = [nest({p: _global(v, shardings[p]) for p, v in g.items()}) for g in grads_np]
-  for path, leaf in _flat(params).items():
+  for path, leaf in flat(params).items():
     if LEAVES[path][1] is not None and _held_here(leaf) != 0.5:
       failures.append(f"{path}: this process holds {_held_here(leaf)} of it, not half")
 
@@ -212,18 +200,15 @@ def check_layout(case, mesh, workdir):
   with jax.set_mesh(mesh):
     # One compilation: the HLO checked is the program that runs.
     compiled = jax.jit(step).lower(params, opt_state, grads[0]).compile()
-    history, centred = [(params, opt_state)], []
-    for g in grads:
-      params, opt_state, c = compiled(params, opt_state, g)
-      history.append((params, opt_state))
-      centred.append(c)
+    history, centred = run_steps(compiled, params, opt_state, grads)
+  params, opt_state = history[-1]
 
-  for path, leaf in _flat(centred[0]).items():
+  for path, leaf in flat(centred[0]).items():
     g = grads_np[0][path]
     want = np_centre(g, LEAVES[path][1])
     failures += _shard_errors(f"GC of {path}", leaf, want, 1e-5, 1e-6 * np.max(np.abs(g)))
   reference = _adamw_reference(params_np, grads_np)
-  for path, leaf in _flat(params).items():
+  for path, leaf in flat(params).items():
     failures += _shard_errors(f"{path} after {STEPS} steps", leaf, reference[path], 1e-5, 1e-6)
     if np.max(np.abs(reference[path] - params_np[path])) < 1e-3:
       failures.append(f"{path}: the steps moved it too little for this check to fail")
@@ -232,13 +217,12 @@ def check_layout(case, mesh, workdir):
   adam = history[0][1][1][0]
   placed = {"param": history[0][0], "GC of": centred[0], "mu": adam.mu, "nu": adam.nu}
   for what, tree in placed.items():
-    for path, leaf in _flat(tree).items():
+    for path, leaf in flat(tree).items():
       failures += _sharding_errors(f"{what} {path}", leaf, shardings[path])
+  initial = flat(history[0])
   for t, state in enumerate(history[1:], 1):
-    for (keypath, before), after in zip(_leaves(history[0]), jax.tree.leaves(state), strict=True):
-      failures += _sharding_errors(
-        f"step {t}: {jax.tree_util.keystr(keypath)}", after, before.sharding
-      )
+    for path, after in flat(state).items():
+      failures += _sharding_errors(f"step {t}: {path}", after, initial[path].sharding)
 
   found = collectives(compiled.as_text())
   if set(found) - {"all-reduce"} or (case != "fan_out") != ("all-reduce" in found):
@@ -283,14 +267,13 @@ def check_orbax(mesh, workdir):
       if jax.tree.structure(tree) != jax.tree.structure(saved):
         failures.append(f"restored into {name}: structure {jax.tree.structure(tree)}")
         continue
-      for (keypath, want), got in zip(_leaves(saved), jax.tree.leaves(tree), strict=True):
-        where = f"restored into {name}: {jax.tree_util.keystr(keypath)}"
-        failures += _shard_errors(where, got, want, 0)
+      got = flat(tree)
+      for path, want in flat(saved).items():
+        failures += _shard_errors(f"restored into {name}: {path}", got[path], want, 0)
       # Either restored state goes on with GC exactly as the run that never stopped.
-      resumed = train(tree["params"], tree["opt_state"], (2, 3))
-      for (keypath, want), got in zip(_leaves(straight), jax.tree.leaves(resumed), strict=True):
-        where = f"resumed from {name}: {jax.tree_util.keystr(keypath)}"
-        failures += _shard_errors(where, got, want, 0)
+      resumed = flat(train(tree["params"], tree["opt_state"], (2, 3)))
+      for path, want in flat(straight).items():
+        failures += _shard_errors(f"resumed from {name}: {path}", resumed[path], want, 0)
   # orbax writes one OCDBT store per process (a layout detail, so it is shown, not checked).
   writers = ", ".join(sorted(p.name for p in directory.glob("ocdbt.process_*"))) or "no store"
   return f"written as {writers}; restored into with_centralization(adamw) and adamw", failures
@@ -356,8 +339,8 @@ def _mlp_reference(params, data):
 
 def _nnx_state(model, optimizer):
   return {
-    **{f"param {p}": v for p, v in _flat(nnx.state(model, nnx.Param)).items()},
-    **{f"opt state {p}": v for p, v in _flat(nnx.state(optimizer, nnx.optimizer.OptState)).items()},
+    **{f"param {p}": v for p, v in flat(nnx.state(model, nnx.Param)).items()},
+    **{f"opt state {p}": v for p, v in flat(nnx.state(optimizer, nnx.optimizer.OptState)).items()},
   }
 
 

@@ -15,8 +15,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import np_centre
-from integration_helpers import leaves_by_path
+from helpers import flat, nest, np_centre
 
 import optax_gc
 
@@ -61,11 +60,9 @@ def _train(tx, params, state, steps, start=0, centre_by_hand=False):
   for t in range(start, start + steps):
     grads = _grad(params, *_batch(t))
     if centre_by_hand:
-      flat = [
-        jnp.asarray(np_centre(g, FAN_IN.get(p)), jnp.float32)
-        for p, g in leaves_by_path(grads).items()
-      ]
-      grads = jax.tree.unflatten(jax.tree.structure(grads), flat)
+      grads = nest(
+        {p: jnp.asarray(np_centre(g, FAN_IN.get(p)), jnp.float32) for p, g in flat(grads).items()}
+      )
     params, state = _apply(tx, params, state, grads)
   return params, state
 

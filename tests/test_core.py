@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import fan_in_sums, np_centre
+from helpers import fan_in_sums, flat, np_centre
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_gc
-from optax_gc._src.transform import DOT_MIN_SIZE, _dot_applies, _fan_in_dot, centre
+from optax_gc._src.fan_in import _DOT_MIN_SIZE, _dot_applies, _fan_in_dot
+from optax_gc._src.transform import centre
 
 GC = optax_gc.centralize()
 
@@ -115,6 +116,7 @@ def test_jit_compiles_once_per_structure():
     step(jax.tree.map(lambda x, i=i: x * i, params), state)
 
 
+@pytest.mark.xla_cpu_internals
 def test_no_rank_promotion_and_no_reshape():
   """Reductions keep dims (no implicit broadcasting), and the HLO has no reshape."""
   g = {"kernel": jnp.ones((3, 3, 4, 8))}
@@ -256,13 +258,35 @@ def test_bad_rules_fail_at_construction(rules, match):
     optax_gc.explain({}, rules)
 
 
-def test_bad_preset_strength_and_on():
+def test_bad_preset_strength_strict_and_on_fail_at_construction():
   with pytest.raises(ValueError, match=r"Unknown preset 'linen'; use one of"):
     optax_gc.centralize(preset="linen")
+  with pytest.raises(TypeError, match=r"preset=\['flax'\]: give one name"):
+    optax_gc.centralize(preset=["flax"])
   with pytest.raises(ValueError, match=r"strength=1.5 is outside \[0, 1\]"):
     optax_gc.centralize(strength=1.5)
+  for bad in ("high", True, jnp.ones(2), jnp.ones((), int)):
+    with pytest.raises(TypeError, match=r"strength=.*give a float in \[0, 1\]"):
+      optax_gc.centralize(strength=bad)
+  with pytest.raises(TypeError, match=r"strict='yes': give True or False"):
+    optax_gc.centralize(strict="yes")
   with pytest.raises(ValueError, match=r"on='grads'"):
     optax_gc.with_centralization(optax.sgd(1.0), on="grads")
+  with pytest.raises(TypeError, match=r"tx is a function"):
+    optax_gc.with_centralization(optax.sgd)
+  assert optax_gc.centralize(strength=jnp.float32(0.5)).init({}) == optax.EmptyState()
+
+
+def test_plan_repr_is_one_line_and_lookup_suggests_paths():
+  tree = {
+    "Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+    "conv": {"kernel": jnp.ones((3, 2, 4))},
+  }
+  plan = optax_gc.explain(tree)
+  assert repr(plan) == "Plan(3 leaves: 2 centred, 1 unchanged, 1 guessed)"
+  assert str(plan).count("\n") == 5  # header, 3 rows, the totals and the guess line
+  with pytest.raises(KeyError, match=r"did you mean 'Dense_0/kernel'"):
+    plan["Dense_0/kernal"]
 
 
 def test_axis_out_of_range_names_path_shape_and_rule():
@@ -314,14 +338,9 @@ def test_explain_accepts_eval_shape_and_agrees_with_centralize():
   }
   tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
   plan = optax_gc.explain(jax.eval_shape(lambda: tree))
-  out = gc(tree)
-  for (keypath, leaf), (_, got) in zip(
-    jax.tree_util.tree_flatten_with_path(tree)[0],
-    jax.tree_util.tree_flatten_with_path(out)[0],
-    strict=True,
-  ):
-    row = plan[jax.tree_util.keystr(keypath, simple=True, separator="/")]
-    np.testing.assert_allclose(got, np_centre(leaf, row.axes), atol=1e-6)
+  out = flat(gc(tree))
+  for path, leaf in flat(tree).items():
+    np.testing.assert_allclose(out[path], np_centre(leaf, plan[path].axes), atol=1e-6)
   text = str(plan)
   assert "attn/out/kernel" in text and "(0, 1)" in text
   # Conv 3*3*2*4 + query 8*2*4 + out 2*4*8 = 200 centred parameters.
@@ -342,12 +361,11 @@ LARGE = [
 
 @pytest.mark.parametrize(("shape", "axes"), LARGE, ids=[str(s) for s, _ in LARGE])
 def test_large_leaf_path_matches_float64(shape, axes):
-  assert math.prod(shape) >= DOT_MIN_SIZE
+  assert math.prod(shape) >= _DOT_MIN_SIZE
   g = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   assert _dot_applies(jnp.asarray(g), axes)
-  want = g.astype(np.float64) - g.astype(np.float64).mean(axes, keepdims=True)
   out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes))
-  np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * np.abs(g).max())
+  np.testing.assert_allclose(out, np_centre(g, axes), rtol=0, atol=2e-6 * np.abs(g).max())
   huge = (1e37 * (1 + np.abs(g))).astype(np.float32)
   assert np.isfinite(np.asarray(centre(jnp.asarray(huge), axes))).all()
 
@@ -363,10 +381,11 @@ def test_large_bf16_leaf_is_summed_in_float32(shape, axes):
   assert total.dtype == jnp.float32
   np.testing.assert_allclose(total, g64.sum(axes) * 2.0**-3, rtol=1e-5)
   out = np.asarray(jax.jit(centre, static_argnums=1)(jnp.asarray(g), axes), np.float64)
-  want = g64 - g64.mean(axes, keepdims=True)
+  want = np_centre(g64, axes)
   assert np.all(np.abs(out - want) <= 2.0**-8 * np.abs(want) + 1e-6)
 
 
+@pytest.mark.xla_cpu_internals
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_the_dot_is_for_xla_cpu_alone_other_backends_reduce(dtype):
   # Lowered for each platform without its hardware (jax.export): XLA:CPU gets
@@ -385,6 +404,7 @@ def test_the_dot_is_for_xla_cpu_alone_other_backends_reduce(dtype):
 TEMP_LEAVES = {jnp.float32: 0.25, jnp.bfloat16: 1.5}
 
 
+@pytest.mark.xla_cpu_internals
 @pytest.mark.parametrize("dtype", list(TEMP_LEAVES), ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize(("shape", "axes"), LARGE, ids=[str(s) for s, _ in LARGE])
 def test_large_leaf_update_writes_no_full_size_temporary(shape, axes, dtype):

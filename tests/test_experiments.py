@@ -19,6 +19,8 @@ from optax_gc.experiments import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+# Written down, not globbed: what config_names() and --help must list.
+REPO_CONFIGS = {"default", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp", "mnist1d_transformer"}
 SMOKE = [
   "--config.seeds=1",
   "--config.num_steps=30",
@@ -27,15 +29,25 @@ SMOKE = [
 ]
 
 
-def test_every_config_is_listed():
-  assert {"default", "mnist1d_cnn", "mnist1d_mlp", "digits_cnn", "mnist1d_transformer"} <= set(
-    CONFIGS
-  )
-  assert set(config_lib.config_names()) >= set(CONFIGS)
+def test_config_names_lists_the_repository_configs_and_those_in_the_working_directory(
+  tmp_path, monkeypatch
+):
+  (tmp_path / "configs").mkdir()
+  for name in ("mine.py", "_private.py", "notes.txt"):
+    (tmp_path / "configs" / name).write_text("")
+  monkeypatch.chdir(tmp_path)
+  names = set(config_lib.config_names())
+  assert REPO_CONFIGS | {"mine"} <= names
+  assert not names & {"_private", "notes"}
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("name", CONFIGS)
+# Each config trains end to end once, with SGD and Adam in turn, so each optimizer
+# runs on several configs (a run per pair would double the slowest tests of the
+# suite); test_every_config_builds_and_steps_both_optimizers covers every pair.
+SMOKE_RUNS = [(name, ("sgd", "adam")[i % 2]) for i, name in enumerate(CONFIGS)]
+
+
+@pytest.mark.parametrize(("name", "optimizer"), SMOKE_RUNS, ids=[f"{c}-{o}" for c, o in SMOKE_RUNS])
 def test_smoke_run(name, optimizer, tmp_path, capsys):
   status = cli.main(
     [f"--config={name}", f"--config.optimizer={optimizer}", *SMOKE, f"--workdir={tmp_path}"]
@@ -63,8 +75,26 @@ def test_smoke_run(name, optimizer, tmp_path, capsys):
     assert curves["summary"]["final_test_accuracy"]["mean"] == acc[0, -1]
     label = "SGD-momentum" if optimizer == "sgd" else "Adam"
     assert re.search(rf"\b{label} +{'GC' if variant == 'gc' else 'no GC'} ", out)
-  # The plan names at least one centred kernel.
-  assert "kernel" in (run_dir / "gc_plan.txt").read_text()
+  # The plan, explain's table, ends "N leaves: K centred (...)": GC centres something.
+  plan = (run_dir / "gc_plan.txt").read_text()
+  assert int(re.search(r"leaves: (\d+) centred", plan)[1]) >= 1, plan
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_and_steps_both_optimizers(name, optimizer):
+  config = config_lib.load(name)
+  config.optimizer = optimizer
+  config_lib.validate(config)
+  # A Dense kernel whose fan-in mean GC removes: the two optimizers' first steps differ.
+  params = {"Dense_0": {"kernel": np.zeros((3, 2), np.float32)}}
+  grads = {"Dense_0": {"kernel": np.array([[1, 2], [3, 4], [5, 9]], np.float32)}}
+  steps = []
+  for gc in (False, True):
+    tx = train.make_optimizer(config, gc)
+    steps.append(np.asarray(tx.update(grads, tx.init(params), params)[0]["Dense_0"]["kernel"]))
+  assert all(np.all(np.isfinite(s)) and np.any(s) for s in steps)
+  assert not np.allclose(steps[0], steps[1])
 
 
 def test_python_dash_m_form(tmp_path):
@@ -115,15 +145,15 @@ def test_unwritable_workdir(tmp_path, capsys):
 def test_help_lists_configs(capsys):
   assert cli.main(["--help"]) == 0
   out = capsys.readouterr().out
-  assert all(name in out for name in CONFIGS)
+  assert all(name in out for name in REPO_CONFIGS)
 
 
 def test_batches_are_reshuffled_passes():
   idx = train.batch_indices(50, 10, 12, seed=3)
-  flat = idx.ravel()
+  order = idx.ravel()
   for start in range(0, 100, 50):  # two complete passes, each a permutation
-    assert sorted(flat[start : start + 50]) == list(range(50))
-  assert not np.array_equal(flat[:50], flat[50:100])
+    assert sorted(order[start : start + 50]) == list(range(50))
+  assert not np.array_equal(order[:50], order[50:100])
 
 
 def _train(config, gc, steps=40):

@@ -1,9 +1,8 @@
 """optax_gc inside Flax training: nnx.Optimizer and linen TrainState.
 
 Each test trains a real model and checks the applied update, leaf by leaf,
-against Gradient Centralization computed in NumPy float64 with the fan-in axes
-written down here by hand (tests/integration_helpers.py), not asked of the
-library.
+against Gradient Centralization computed in NumPy float64 (tests/helpers.py)
+with the fan-in axes written down here by hand, not asked of the library.
 """
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
-from integration_helpers import assert_update_is_gc, leaves_by_path, param_step_atol
+from helpers import assert_update_is_gc, flat, param_step_atol
 
 import optax_gc
 
@@ -151,10 +150,10 @@ def test_nnx_optimizer_applies_gc_of_the_gradient_with_strict_anchored_rules_and
   tx = optax.chain(optax_gc.centralize(rules, strict=True), optax.sgd(lr, momentum=0.9))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   tokens, labels = _data()
-  before = leaves_by_path(nnx.state(model, nnx.Param))
+  before = flat(nnx.state(model, nnx.Param), numpy=True)
   loss0, grads = _nnx_step(model, optimizer, tokens, labels)
-  grads = leaves_by_path(grads)
-  after = leaves_by_path(nnx.state(model, nnx.Param))
+  grads = flat(grads, numpy=True)
+  after = flat(nnx.state(model, nnx.Param), numpy=True)
   _assert_first_step_is_gc(before, after, grads, NNX_FAN_IN, NNX_OTHER, lr)
   losses = [float(loss0)] + [
     float(_nnx_step(model, optimizer, tokens, labels)[0]) for _ in range(30)
@@ -277,7 +276,7 @@ def test_linen_train_state_with_boxed_scan_params_applies_gc_of_the_gradient_and
   state = _linen_state(tx)
   tokens, labels = _data()
   new_state, loss0, grads = _linen_step(state, tokens, labels)
-  grads = leaves_by_path(grads)
+  grads = flat(grads, numpy=True)
   # The boxes, and the logical axis names of the scanned stack, survive the
   # step, and resolve to PartitionSpecs for the optimizer state too (what a
   # pjit user derives its shardings from).
@@ -286,7 +285,7 @@ def test_linen_train_state_with_boxed_scan_params_applies_gc_of_the_gradient_and
   assert kernel.names == ("layers", "embed", "mlp")
   trace = nn.get_partition_spec(new_state.opt_state)[1][0].trace
   assert trace["stack"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
-  before, after = leaves_by_path(state.params), leaves_by_path(new_state.params)
+  before, after = flat(state.params, numpy=True), flat(new_state.params, numpy=True)
   _assert_first_step_is_gc(before, after, grads, LINEN_FAN_IN, LINEN_OTHER, lr)
   state, losses = new_state, [float(loss0)]
   for _ in range(30):

@@ -1,7 +1,7 @@
 """optax_gc in Haiku (preset "flax") and Equinox (preset "torch") training loops.
 
 The fan-in of each parameter is written here by hand from the layer
-definitions and GC is recomputed in NumPy float64 (integration_helpers.py).
+definitions and GC is recomputed in NumPy float64 (helpers.py).
 """
 
 import equinox as eqx
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from integration_helpers import assert_update_is_gc, leaves_by_path
+from helpers import assert_update_is_gc, flat
 
 import optax_gc
 
@@ -25,7 +25,7 @@ def _data(seed=0):
 
 
 def _check_all_leaves(updates, grads, fan_in, others, scale):
-  updates, grads = leaves_by_path(updates), leaves_by_path(grads)
+  updates, grads = flat(updates, numpy=True), flat(grads, numpy=True)
   assert set(grads) == set(fan_in) | others
   # The gradients are float32 sums over the whole model: rounding at the scale
   # of the largest one (the attention key bias is pure rounding noise).

@@ -23,6 +23,11 @@ def loss_of(apply):
   return lambda p: jnp.sum(jnp.sin(apply(p) * 1.7 + 0.3) ** 2)
 
 
+def grad_of(apply, params):
+  # Jitted: op by op, the models' many small ops compile one by one (seconds each test).
+  return jax.jit(jax.grad(loss_of(apply)))(params)
+
+
 def centred(grads, preset="flax"):
   tx = optax_gc.centralize(preset=preset)
   return tx.update(grads, tx.init(grads))[0]
@@ -80,10 +85,15 @@ FLAX_EXPECTED = {
 }
 
 
-def test_linen_model():
+@pytest.fixture(scope="module")
+def linen_grads():
   model = LinenNet()
-  params = model.init(KEY, X, TOKENS)
-  grads = jax.grad(loss_of(lambda p: model.apply(p, X, TOKENS)))(params)
+  params = jax.jit(model.init)(KEY, X, TOKENS)
+  return grad_of(lambda p: model.apply(p, X, TOKENS), params)
+
+
+def test_linen_model(linen_grads):
+  grads = linen_grads
   assert grads["params"]["MultiHeadDotProductAttention_0"]["query"]["bias"].ndim == 2
   check(grads, FLAX_EXPECTED)
 
@@ -120,7 +130,7 @@ def test_nnx_model():
   def apply(p):
     return nnx.merge(graphdef, p)(X, TOKENS)
 
-  grads = jax.grad(loss_of(apply))(params)
+  grads = grad_of(apply, params)
   check(
     nnx.to_pure_dict(grads),
     {
@@ -168,8 +178,8 @@ def test_haiku_model_with_flax_preset():
     return hk.Linear(5)(h.mean(1))
 
   model = hk.without_apply_rng(hk.transform(forward))
-  params = model.init(KEY, X, TOKENS)
-  grads = jax.grad(loss_of(lambda p: model.apply(p, X, TOKENS)))(params)
+  params = jax.jit(model.init)(KEY, X, TOKENS)
+  grads = grad_of(lambda p: model.apply(p, X, TOKENS), params)
   check(
     grads,
     {
@@ -218,7 +228,7 @@ def test_equinox_model_with_torch_preset():
     m = eqx.combine(p, static)
     return jax.vmap(m)(jnp.moveaxis(X, -1, 1), TOKENS[:, 0])
 
-  grads = jax.grad(loss_of(apply))(params)
+  grads = grad_of(apply, params)
   assert grads.conv.bias.shape == (8, 1, 1)  # a bias of rank 3 must stay unchanged
   check(
     grads,
@@ -235,12 +245,9 @@ def test_equinox_model_with_torch_preset():
   )
 
 
-def test_conv_only_presets_leave_dense_and_attention_alone():
-  model = LinenNet()
-  params = model.init(KEY, X, TOKENS)
-  grads = jax.grad(loss_of(lambda p: model.apply(p, X, TOKENS)))(params)
+def test_conv_only_presets_leave_dense_and_attention_alone(linen_grads):
   expected = {k: None for k in FLAX_EXPECTED} | {"Conv_0/kernel": (0, 1, 2)}
-  check(grads, expected, preset="flax_conv")
+  check(linen_grads, expected, preset="flax_conv")
 
 
 @pytest.mark.parametrize("stack", ["linen_scan", "nnx_vmap"])

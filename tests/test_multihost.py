@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+from helpers import with_host_device_count
 from multihost_worker import CHECKS, LOCAL_DEVICES, PROCESSES
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
@@ -44,12 +46,8 @@ def _free_port():
 def _run_workers(workdir):
   """Runs every process to the end (or kills it); returns their exit codes and outputs."""
   env = dict(os.environ)
-  flags = [
-    f
-    for f in env.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"])
+  # Not the 8 devices conftest.py gives this process: 4 for each of the two.
+  env["XLA_FLAGS"] = with_host_device_count(env.get("XLA_FLAGS", ""), LOCAL_DEVICES)
   env["JAX_PLATFORMS"] = "cpu"
   port = _free_port()
   # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
@@ -73,6 +71,8 @@ def _run_workers(workdir):
   return [p.returncode for p in procs], [log.read_text() for log in logs]
 
 
+# The layout checks' collective lines are read from the compiled step's HLO text.
+@pytest.mark.xla_cpu_internals
 def test_gc_in_a_two_process_job_explains_steps_checkpoints_and_trains(tmp_path):
   start = time.monotonic()
   codes, outputs = _run_workers(tmp_path)

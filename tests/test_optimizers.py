@@ -1,10 +1,13 @@
 """The paper's optimizers against NumPy float64 versions of the reference algorithms."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import np_centre
 
 import optax_gc
 
@@ -23,10 +26,6 @@ def grad_fn(params, t):
   return jax.tree.map(lambda p: rng.normal(size=p.shape) + 0.3 * np.asarray(p), params)
 
 
-def np_gc(g, axes):
-  return g if axes is None else g - g.mean(axis=axes, keepdims=True)
-
-
 class NumpyReference:
   """The reference implementation's update rules, one leaf at a time, in float64."""
 
@@ -42,7 +41,7 @@ class NumpyReference:
     if self.kind in ("sgd", "adam") and wd:
       g = g + wd * p  # coupled L2
     if self.on == "gradient":
-      g = np_gc(g, axes)
+      g = np_centre(g, axes)
     if self.kind == "sgd":
       d = g
       if self.mom:
@@ -60,7 +59,7 @@ class NumpyReference:
         direction = direction + wd * p  # decoupled decay
       delta = -lr * direction
     if self.on == "update":
-      delta = np_gc(delta, axes)
+      delta = np_centre(delta, axes)
     return p + delta
 
   def run(self, params, steps):
@@ -152,3 +151,53 @@ def test_gcc_preset_centres_conv_kernels_only():
   first, last = fan_in_means(history[0]), fan_in_means(history[-1])
   assert np.abs(last["conv"] - first["conv"]).max() < 2e-5
   assert np.abs(last["dense"] - first["dense"]).max() > 1e-2
+
+
+OPTAX = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw}
+
+
+@pytest.mark.parametrize("kind", list(OPTAX))
+def test_positional_arguments_are_optaxs(kind):
+  def positional(f):
+    return [
+      (p.name, p.default)
+      for p in inspect.signature(f).parameters.values()
+      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+  assert positional(FACTORIES[kind]) == positional(OPTAX[kind])
+  # The same positional call is the same optimizer: with strength 0, the same steps
+  # (up to XLA's float32 rounding; a misplaced argument moves them by far more).
+  args = {
+    "sgd": (0.05, 0.9, True),
+    "adam": (1e-2, 0.8, 0.99, 1e-6, 1e-9),
+    "adamw": (1e-2, 0.8, 0.99, 1e-6, 1e-9, None, 0.05),
+  }[kind]
+  ours = run_optax(FACTORIES[kind](*args, strength=0.0), init_params(), 5)
+  theirs = run_optax(OPTAX[kind](*args), init_params(), 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours[-1], theirs[-1])
+  params = init_params()
+  assert jax.tree.structure(FACTORIES[kind](*args).init(params)) == jax.tree.structure(
+    OPTAX[kind](*args).init(params)
+  )
+
+
+@pytest.mark.parametrize("kind", list(OPTAX))
+def test_strength_and_rules_reach_gc(kind):
+  rules = [(r"dense/kernel$", None)]
+  ours = run_optax(FACTORIES[kind](1e-2, rules=rules, strength=0.5), init_params(), 3)
+  gc = optax_gc.centralize(rules, strength=0.5)
+  theirs = run_optax(optax.chain(gc, OPTAX[kind](1e-2)), init_params(), 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, theirs)
+  with pytest.raises(ValueError, match=r"rules\[0\] 'dens/kernel\$': matched no leaf"):
+    FACTORIES[kind](1e-2, rules=[(r"dens/kernel$", None)], strict=True).init(init_params())
+
+
+@pytest.mark.parametrize("kind", list(OPTAX))
+def test_bad_arguments_fail_when_the_optimizer_is_built(kind):
+  with pytest.raises(ValueError, match=r"on='grads'"):
+    FACTORIES[kind](1e-2, on="grads")
+  with pytest.raises(TypeError, match=r"strength='high'"):
+    FACTORIES[kind](1e-2, strength="high")
+  with pytest.raises(TypeError, match=r"positional"):
+    FACTORIES[kind](1e-2, 0.9, False, None, 0.0, None, 1e-4, None, "extra")

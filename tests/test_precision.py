@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import np_centre
-from integration_helpers import leaves_by_path
+from helpers import flat, np_centre
 
 import optax_gc
 
@@ -47,7 +46,7 @@ def test_bf16_gradients_are_centred_within_bf16_rounding_of_float64():
   grads = _tree(0, offset=1.3, spread=0.01, dtype=BF16)
   out, _ = jax.jit(optax_gc.centralize().update)(grads, optax.EmptyState())
   assert all(leaf.dtype == BF16 for leaf in jax.tree.leaves(out))
-  out, grads = leaves_by_path(out), leaves_by_path(grads)
+  out, grads = flat(out, numpy=True), flat(grads, numpy=True)
   for path, g in grads.items():
     expected = np_centre(g.astype(np.float64), FAN_IN.get(path))
     tiny = 32 * float(np.finfo(np.float32).eps) * float(np.max(np.abs(g.astype(np.float64))))
@@ -133,7 +132,7 @@ def test_float32_master_weights_step_is_gc_of_the_bf16_gradient():
     return optax.apply_updates(master, updates), state, grads
 
   new, _, grads = step(master, tx.init(master))
-  before, after, grads = leaves_by_path(master), leaves_by_path(new), leaves_by_path(grads)
+  before, after, grads = flat(master, numpy=True), flat(new, numpy=True), flat(grads, numpy=True)
   for path, g in grads.items():
     assert after[path].dtype == np.float32
     axes = (0,) if path.endswith("kernel") else None

@@ -1,8 +1,8 @@
 """optax_gc.centralize inside optax's wrappers, each under jax.jit.
 
-Every result is checked against GC computed in NumPy float64 with the fan-in
-axes written down here (integration_helpers.py), and, where the wrapper does
-more (accumulation, sync, a contrib optimizer), against that wrapper run on the
+Every result is checked against GC computed in NumPy float64 (helpers.py) with
+the fan-in axes written down here, and, where the wrapper does more
+(accumulation, sync, a contrib optimizer), against that wrapper run on the
 reference-centred gradient.
 """
 
@@ -13,8 +13,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
-from helpers import np_centre
-from integration_helpers import assert_update_is_gc, leaves_by_path
+from helpers import assert_update_is_gc, flat, nest, np_centre
 
 import optax_gc
 
@@ -38,23 +37,20 @@ def _tree(seed, offset=0.5):
   )
 
 
-def _gc_tree(tree, strength=1.0, only=None):
+def _gc_tree(tree):
   """Reference GC of a whole tree as a {path: float64 array} dict."""
-  return {
-    path: np_centre(g, FAN_IN.get(path) if only is None or path in only else None, strength)
-    for path, g in leaves_by_path(tree).items()
-  }
+  return {path: np_centre(g, FAN_IN.get(path)) for path, g in flat(tree).items()}
 
 
 def _assert_tree_close(actual, expected: dict, rtol=1e-5, atol=1e-6):
-  actual = leaves_by_path(actual)
+  actual = flat(actual, numpy=True)
   assert set(actual) == set(expected)
   for path, value in expected.items():
     np.testing.assert_allclose(actual[path], value, rtol=rtol, atol=atol, err_msg=path)
 
 
 def _assert_gc_applied(updates, grads, *, scale=1.0, strength=1.0, only=None):
-  updates, grads = leaves_by_path(updates), leaves_by_path(grads)
+  updates, grads = flat(updates, numpy=True), flat(grads, numpy=True)
   for path, g in grads.items():
     axes = FAN_IN.get(path) if only is None or path in only else None
     assert_update_is_gc(updates[path], g, axes, path=path, scale=scale, strength=strength)
@@ -150,7 +146,7 @@ def test_lookahead_fast_steps_are_gc_and_slow_weights_sync():
   params = optax.LookaheadParams.init_synced(_tree(0))
   state = tx.init(params)
   step = jax.jit(tx.update)
-  start = leaves_by_path(params.slow)
+  start = flat(params.slow, numpy=True)
   g1, g2 = _tree(1), _tree(2)
 
   updates, state = step(g1, state, params)
@@ -185,12 +181,10 @@ def test_contrib_optimizer_chained_after_gc(make):
     for t in range(3):
       grads = _tree(30 + t)
       if centre:
-        grads = jax.tree.unflatten(
-          jax.tree.structure(grads), [jnp.asarray(v, jnp.float32) for v in _gc_tree(grads).values()]
-        )
+        grads = nest({p: jnp.asarray(v, jnp.float32) for p, v in _gc_tree(grads).items()})
       updates, state = update(grads, state, params)
       params = optax.apply_updates(params, updates)
-    return leaves_by_path(params)
+    return flat(params, numpy=True)
 
   with_gc = run(optax.chain(optax_gc.centralize(), make()), centre=False)
   reference = run(make(), centre=True)

@@ -36,7 +36,7 @@ class Param:
   fan_in: tuple[int, ...] | None = None  # one layer's fan-in axes (None: unchanged)
 
 
-def _one_layer(module, layer: layers.Layer | None, name: str):
+def _one_layer(module, layer: layers.Layer | None, name: object):
   """``(one layer's shape or None, fan-in)`` of a parameter, from what its layer holds."""
   if layer is None:
     return None, None
@@ -85,7 +85,8 @@ def resolve(params: list[Param]) -> LayerRules:
   first position is assumed (Flax's default) and the rule says so.
   """
   found = {p.path: _candidates(p) for p in params}
-  stacked, total = collections.Counter(), collections.Counter()
+  stacked: collections.Counter[tuple] = collections.Counter()
+  total: collections.Counter[tuple] = collections.Counter()
   for p in params:
     k, positions = found[p.path]
     if positions:
@@ -128,7 +129,7 @@ def _read_linen(model, args, rngs, method, kwargs) -> list[Param]:
   """Traces ``model.init`` abstractly; each layer's own variables show one layer's shapes."""
   import flax.linen as nn
 
-  seen = {}
+  seen: dict[tuple, tuple] = {}
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)

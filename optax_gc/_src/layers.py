@@ -52,7 +52,7 @@ def _sizes(value) -> tuple[int, ...] | None:
   return None
 
 
-def is_bias(name: str) -> bool:
+def is_bias(name: object) -> bool:
   return bool(_BIAS.match(str(name)))
 
 
@@ -102,6 +102,7 @@ def _conv(module, rank, label):
   if kernel_size is None:
     return None
   r = len(kernel_size) + 2
+  fan_in: tuple[int, ...]
   if getattr(module, "shared_weights", True) is False:  # ConvLocal: (*out, prod(k) * in, out)
     fan_in = (r - 2,)
   elif getattr(module, "transpose_kernel", False):  # (*k, out, in)
@@ -183,8 +184,8 @@ def read(module, params: dict, strings=(), *, torch: bool = False) -> Layer | No
 
 def _holds_features(module) -> bool:
   """Dense-like: a Flax Dense/DenseGeneral/Linear/LinearGeneral, or a layer holding the same."""
-  held = (("features", "axis"), ("in_features_shape", "out_features_shape"))
-  held += (("in_features", "out_features"),)
+  held = [("features", "axis"), ("in_features_shape", "out_features_shape")]
+  held.append(("in_features", "out_features"))
   return type(module).__name__ in ("Dense", "DenseGeneral", "Linear", "LinearGeneral") or any(
     all(hasattr(module, name) for name in names) for names in held
   )

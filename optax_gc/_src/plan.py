@@ -1,7 +1,10 @@
 """`explain`: the per-leaf plan, shown before training."""
 
 import dataclasses
+import difflib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -15,7 +18,7 @@ class Row:
 
   path: str
   shape: tuple[int, ...]
-  dtype: object
+  dtype: Any  # a NumPy dtype, or an extended one (PRNG keys)
   axes: tuple[int, ...] | None
   decided_by: str
   guess: bool = False  # a preset guessed the layout: neither path nor tree settled it
@@ -38,18 +41,24 @@ class Plan:
 
   rows: tuple[Row, ...]
   rules: tuple[rules_lib.Rule, ...]
+  _by_path: dict[str, Row] = dataclasses.field(init=False, repr=False, compare=False)
 
-  def __iter__(self):
+  def __post_init__(self):
+    object.__setattr__(self, "_by_path", {row.path: row for row in self.rows})
+
+  def __iter__(self) -> Iterator[Row]:
     return iter(self.rows)
 
   def __len__(self) -> int:
     return len(self.rows)
 
   def __getitem__(self, path: str) -> Row:
-    for row in self.rows:
-      if row.path == path:
-        return row
-    raise KeyError(f"No leaf with path {path!r}; paths are: {[r.path for r in self.rows]}")
+    row = self._by_path.get(path)
+    if row is None:
+      close = difflib.get_close_matches(str(path), self._by_path, n=3)
+      hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+      raise KeyError(f"no leaf with path {path!r} among {len(self.rows)} leaves{hint}")
+    return row
 
   @property
   def unmatched(self) -> tuple[Row, ...]:
@@ -70,6 +79,12 @@ class Plan:
   def unused_rules(self) -> tuple[rules_lib.Rule, ...]:
     used = {r.rule for r in self.rows}
     return tuple(rule for rule in self.rules if rule.user and rule not in used)
+
+  def __repr__(self) -> str:
+    centred = sum(r.axes is not None for r in self.rows)
+    guessed = f", {len(self.guesses)} guessed" if self.guesses else ""
+    unchanged = len(self.rows) - centred
+    return f"Plan({len(self.rows)} leaves: {centred} centred, {unchanged} unchanged{guessed})"
 
   def __str__(self) -> str:
     header = ("path", "shape", "dtype", "axes", "decided by")
@@ -101,8 +116,6 @@ class Plan:
       )
     return "\n".join(lines)
 
-  __repr__ = __str__
-
 
 def make_plan(tree, rules: tuple[rules_lib.Rule, ...], remembered=None) -> Plan:
   """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, Flax boxes, scalars, keys)."""
@@ -115,7 +128,9 @@ def make_plan(tree, rules: tuple[rules_lib.Rule, ...], remembered=None) -> Plan:
   return Plan(rows, rules)
 
 
-def explain(tree, rules: rules_lib.RulesLike = (), *, preset: str | None = "flax") -> Plan:
+def explain(
+  tree, rules: rules_lib.RulesLike = (), *, preset: rules_lib.Preset | None = "flax"
+) -> Plan:
   """Shows, for every leaf of ``tree``, which axes GC averages over and why.
 
   ``centralize`` decides each leaf through the same function, so the plan is

@@ -13,6 +13,7 @@ from optax_gc._src import presets
 from optax_gc._src.presets import NO_HINT, Hint
 
 Axes = tuple[int, ...] | Literal["all_but_last", "all_but_first"] | None
+Preset = Literal["flax", "torch", "flax_conv", "torch_conv"]
 
 _NAMED_AXES = ("all_but_last", "all_but_first")
 _AXES_HELP = (
@@ -171,13 +172,18 @@ def _hashable(axes):
   return tuple(axes) if isinstance(axes, list) else axes
 
 
-def compile_rules(rules: RulesLike = (), preset: str | None = "flax") -> tuple[Rule, ...]:
+def compile_rules(rules: RulesLike = (), preset: Preset | None = "flax") -> tuple[Rule, ...]:
   """Validates user rules and appends the preset's; raises ``ValueError`` on bad input.
 
   Example:
     >>> [r.name for r in compile_rules([(r"lin/kernel$", (0,))], preset=None)]
     ["rules[0] 'lin/kernel$'"]
   """
+  if preset is not None and not isinstance(preset, str):
+    raise TypeError(
+      f"preset={preset!r}: give one name, one of {sorted(presets.PRESETS)}, or None (only "
+      "your own rules)."
+    )
   if preset is not None and preset not in presets.PRESETS:
     raise ValueError(
       f"Unknown preset {preset!r}; use one of {sorted(presets.PRESETS)} or None (only your "
@@ -206,6 +212,7 @@ def _resolve(rule: Rule, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(range(ndim - 1))
   if rule.axes == "all_but_first":
     return tuple(range(1, ndim))
+  assert isinstance(rule.axes, tuple)  # checked by _check_axes
   bad = [a for a in rule.axes if not -ndim <= a < ndim]
   if bad:
     raise ValueError(
@@ -234,7 +241,6 @@ def _from_layer(rule: Rule, derived: LayerRule, path: str, shape, conv_only: boo
   return Decision(derived.axes, derived.layer, rule, derived.guess)
 
 
-@functools.lru_cache(maxsize=65536)
 def decide(
   path: str, shape: tuple[int, ...], dtype, rules: tuple[Rule, ...], hint: Hint = NO_HINT
 ) -> Decision:
@@ -271,7 +277,7 @@ def decide(
       if derived is None or not derived.known:
         continue
       decision = _from_layer(rule, derived, path, shape, conv_only)
-    elif not rule.pattern.search(path):
+    elif rule.pattern is None or not rule.pattern.search(path):
       continue
     elif callable(rule.axes):
       layout = rule.axes(path, shape, hint)

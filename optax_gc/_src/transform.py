@@ -2,7 +2,6 @@
 
 import math
 import numbers
-from functools import partial
 from typing import Literal
 
 import jax
@@ -12,69 +11,8 @@ import optax
 
 from optax_gc._src import rules as rules_lib
 from optax_gc._src import tree as tree_lib
+from optax_gc._src.fan_in import fan_in_sum
 from optax_gc._src.plan import make_plan
-
-# Leaves at least this large (in elements) sum their fan-in with a dot; smaller
-# ones, which stay in cache, keep the reduction (it traces and compiles faster).
-DOT_MIN_SIZE = 2**16
-# Rows of the dot's constant operand, all equal: XLA:CPU hands a dot with 2 or
-# more rows to YNNPACK, which ran GC+adamw on the ResNet-50 pytree at 1.10x adamw
-# against 1.21x for its own 1-row matrix-vector product. The extra row costs
-# arithmetic, not memory traffic. Batched float32 dots (a scan's layer axis) keep
-# 1 row: there YNNPACK was slower (a (12, 768, 3072) leaf: 6.8 ms against 3.8 ms).
-# Batched bfloat16 dots keep 2: with 1, XLA:CPU converts the leaf to float32 first.
-ROWS = 2
-
-
-def _dot_applies(g: jax.Array, axes: tuple[int, ...]) -> bool:
-  """Whether ``_fan_in_dot`` takes this leaf's fan-in sum on XLA:CPU.
-
-  float32, float64 and bfloat16 leaves of ``DOT_MIN_SIZE`` elements or more
-  whose fan-in axes are contiguous (every preset layout). float16 keeps the
-  reduction: its ``2**-k`` is subnormal, which XLA:CPU flushes to zero, for
-  fan-ins over 2**14. A leaf sharded on an ``AxisType.Explicit`` mesh keeps the
-  reduction, whose sharding rule needs no gather (a dot with a replicated
-  constant would add one).
-  """
-  return (
-    g.dtype in (jnp.float32, jnp.float64, jnp.bfloat16)
-    and axes == tuple(range(axes[0], axes[-1] + 1))
-    and g.size >= DOT_MIN_SIZE
-    and not any(s is not None for s in getattr(jax.typeof(g).sharding, "spec", ()))
-  )
-
-
-def _fan_in_dot(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array:
-  """``sum(g * scale, axes)`` as one dot with a constant: XLA:CPU's fast form.
-
-  A dot of the leaf with a constant of ``scale`` reads the leaf once and writes
-  nothing of its size. ``jnp.sum(g * scale, axes)`` does not on XLA:CPU (jax
-  0.10): it becomes a YNNPACK fusion that writes a full-size temporary (64 MiB
-  for the ResNet-50 update, against 0.8 MiB with the dot), an extra pass over
-  memory that made GC+adamw twice as slow as adamw (for bfloat16 leaves it
-  writes a float32 copy, twice the leaf's bytes). Kept axes before the fan-in
-  become batch axes, so no operand is transposed. ``scale`` (a power of two) is
-  exact in the constant, the products are exact, and the accumulation is in
-  float32 or the leaf's wider dtype at ``Precision.HIGHEST``; the result has the
-  kept axes in order. For the leaves ``_dot_applies`` accepts.
-  """
-  lead, fan = axes[0], tuple(g.shape[a] for a in axes)
-  dot = partial(
-    jax.lax.dot_general,
-    precision=jax.lax.Precision.HIGHEST,
-    preferred_element_type=jnp.promote_types(g.dtype, jnp.float32),
-  )
-  if axes[-1] == g.ndim - 1:  # (kept..., fan-in...): a matrix times vectors
-    weights = jnp.full(fan + (ROWS,), scale, g.dtype)
-    dims = ((axes, tuple(range(len(axes)))), ((), ()))
-    return dot(g, weights, dims)[..., 0]
-  # (batch..., fan-in..., out...): (batched) vectors times a matrix.
-  rows = ROWS if lead == 0 or g.dtype == jnp.bfloat16 else 1
-  weights = jnp.full(g.shape[:lead] + (rows,) + fan, scale, g.dtype)
-  batch = tuple(range(lead))
-  dims = ((tuple(range(lead + 1, lead + 1 + len(axes))), axes), (batch, batch))
-  total = dot(weights, g, dims)
-  return jax.lax.index_in_dim(total, 0, axis=lead, keepdims=False)
 
 
 def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
@@ -88,15 +26,12 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   XLA:CPU flushes to zero, so a leaf made only of such tiny gradients gets a
   less accurate mean (relative error 4e-5 at 1e-33, against 2e-6 unscaled).
   Taking the unscaled sum too (a second row of the dot) and using it where
-  finite fixes that, but made GC+adamw 4-8% slower (BENCHMARKS.md).
+  finite fixes that, but made GC+adamw 4-8% slower (docs/benchmark-notes.md).
   The difference is clamped to the leaf dtype's finite range, where the exact
-  result (up to twice the largest input) is not representable. The sum reduces
-  over ``axes`` and is broadcast back, never reshaped, so a sharded leaf only
-  adds an all-reduce. On XLA:CPU, for float32 and bfloat16 leaves of 2**16
-  elements or more with contiguous fan-in axes (every preset layout), the sum
-  is a dot with a constant of ``2**-k``, which reads the leaf once (see
-  ``_fan_in_dot``); other backends keep the reduction, which their XLA fuses.
-  A static ``strength`` of 1.0 adds no multiply; any other scales the small mean.
+  result (up to twice the largest input) is not representable. The sum
+  (:func:`fan_in_sum`) reduces over ``axes`` and is broadcast back, never
+  reshaped, so a sharded leaf only adds an all-reduce. A static ``strength`` of
+  1.0 adds no multiply; any other scales the small mean.
 
   Example:
     >>> import jax.numpy as jnp
@@ -108,19 +43,7 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   x = g if g.dtype == compute else g.astype(compute)
   n = math.prod(g.shape[a] for a in axes)
   k = math.ceil(math.log2(n))
-  scale = 2.0**-k
-
-  def reduction(g, x):  # GPUs and TPUs fuse it into one read of the leaf
-    return jnp.sum(x * scale, axis=axes)
-
-  def dot(g, x):  # XLA:CPU's fast form (see _fan_in_dot)
-    return _fan_in_dot(g, axes, scale)
-
-  if _dot_applies(g, axes):
-    total = jax.lax.platform_dependent(g, x, cpu=dot, default=reduction)
-  else:
-    total = reduction(g, x)
-  mean = total * (2.0**k / n)
+  mean = fan_in_sum(g, axes, 2.0**-k) * (2.0**k / n)
   if not (isinstance(strength, numbers.Real) and strength == 1.0):
     mean = mean * jnp.asarray(strength, compute)
   kept = tuple(d for d in range(g.ndim) if d not in axes)
@@ -129,12 +52,33 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   return out if out.dtype == g.dtype else out.astype(g.dtype)
 
 
-def _check_strength(strength) -> None:
-  if isinstance(strength, numbers.Real) and not 0.0 <= float(strength) <= 1.0:
-    raise ValueError(
-      f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
-      "identity. To ramp GC in, schedule it: "
+On = Literal["gradient", "update"]
+
+
+def _check_args(strength, strict, on: On = "gradient") -> None:
+  """The arguments ``centralize`` and ``with_centralization`` take beside the rules."""
+  if isinstance(strength, numbers.Real) and not isinstance(strength, bool):
+    if not 0.0 <= float(strength) <= 1.0:
+      raise ValueError(
+        f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
+        "identity. To ramp GC in, schedule it: "
+        "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
+      )
+  elif not (
+    isinstance(strength, jax.Array | np.ndarray)
+    and np.ndim(strength) == 0
+    and jnp.issubdtype(strength.dtype, jnp.floating)
+  ):
+    raise TypeError(
+      f"strength={strength!r}: give a float in [0, 1] (1.0 is the paper's GC, 0.0 the "
+      "identity) or a scalar float array; to schedule it, use "
       "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
+    )
+  if not isinstance(strict, bool):
+    raise TypeError(f"strict={strict!r}: give True or False.")
+  if on not in ("gradient", "update"):
+    raise ValueError(
+      f'on={on!r}; use "gradient" (the paper\'s GC) or "update" (GC2: centre the final update).'
     )
 
 
@@ -170,7 +114,7 @@ def _check_tree(params, rules, strict: bool, remembered: dict) -> None:
 def centralize(
   rules: rules_lib.RulesLike = (),
   *,
-  preset: str | None = "flax",
+  preset: rules_lib.Preset | None = "flax",
   strength: float | jax.Array = 1.0,
   strict: bool = False,
 ) -> optax.GradientTransformation:
@@ -239,9 +183,7 @@ def centralize(
     Neural Networks <https://arxiv.org/abs/2004.01461>`_, 2020.
   """
   compiled = rules_lib.compile_rules(rules, preset)
-  _check_strength(strength)
-  if not isinstance(strict, bool):
-    raise ValueError(f"strict must be True or False, got {strict!r}.")
+  _check_args(strength, strict)
 
   # Logical axis names seen at init, by path: nnx.Optimizer calls init on
   # Variables, which carry them, and update on plain arrays, which do not.
@@ -266,10 +208,10 @@ def with_centralization(
   tx: optax.GradientTransformation,
   rules: rules_lib.RulesLike = (),
   *,
-  preset: str | None = "flax",
+  preset: rules_lib.Preset | None = "flax",
   strength: float | jax.Array = 1.0,
   strict: bool = False,
-  on: Literal["gradient", "update"] = "gradient",
+  on: On = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """Centralizes the gradients, then applies ``tx``, keeping ``tx``'s own state.
 
@@ -299,12 +241,14 @@ def with_centralization(
     >>> jax.tree.structure(state) == jax.tree.structure(optax.adam(1e-3).init(params))
     True
   """
+  _check_args(strength, strict, on)
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError(
+      f"tx is a {type(tx).__name__}; give the optax optimizer to wrap, e.g. "
+      "optax_gc.with_centralization(optax.adamw(1e-3))."
+    )
   gc = centralize(rules, preset=preset, strength=strength, strict=strict)
   tx = optax.with_extra_args_support(tx)
-  if on not in ("gradient", "update"):
-    raise ValueError(
-      f'on={on!r}; use "gradient" (the paper\'s GC) or "update" (GC2: centre the final update).'
-    )
 
   def init_fn(params):
     gc.init(params)

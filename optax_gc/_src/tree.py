@@ -7,6 +7,7 @@ axis names can show a stack axis to the presets.
 
 import dataclasses
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ class Leaf:
 
   path: str
   shape: tuple[int, ...]
-  dtype: object  # a NumPy dtype, or an extended one (PRNG keys)
+  dtype: Any  # a NumPy dtype, or an extended one (PRNG keys)
   names: tuple | None = None
 
 

@@ -108,6 +108,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """
   path = find_config(spec)
   module_spec = importlib.util.spec_from_file_location(f"_optax_gc_config_{path.stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise UsageError(f"config file {str(path)!r} cannot be loaded as Python")
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
@@ -255,7 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UsageError(f"--config.gc_rules={config.gc_rules!r}: {e}") from e
 
 
-def preset(config: ml_collections.ConfigDict) -> str | None:
+def preset(config: ml_collections.ConfigDict) -> optax_gc.Preset | None:
   """The GC preset the config names (``"none"`` is no preset: only ``gc_rules``)."""
   return None if config.gc_preset == "none" else config.gc_preset
 

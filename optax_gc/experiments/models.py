@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1, self.patch_size)
-    x = self.patch_proj(x) + self.pos_embedding[...]
+    x = self.patch_proj(x) + self.pos_embedding[None]
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def forward(x, block):

@@ -176,8 +176,8 @@ def plot_curves(results: dict, path) -> None:
 
   fig = Figure(figsize=(11, 3.2), dpi=90, layout="constrained")
   axes = fig.subplots(1, 3)
-  panels = (("train_loss", "train loss", 1), ("test_loss", "test loss", 1))
-  panels += (("test_accuracy", "test accuracy %", 100),)
+  panels = [("train_loss", "train loss", 1), ("test_loss", "test loss", 1)]
+  panels.append(("test_accuracy", "test accuracy %", 100))
   for ax, (key, title, scale) in zip(axes, panels, strict=False):
     for variant, curves in results["variants"].items():
       name = f"{results['label']}{' + GC' if variant == 'gc' else ''}"

@@ -56,11 +56,11 @@ def make_optimizer(
   if config.optimizer == "sgd":
     o = config.sgd
     if gc:
-      return optax_gc.sgd_gc(lr, o.momentum, o.nesterov, wd, **gc_args)
+      return optax_gc.sgd_gc(lr, o.momentum or None, o.nesterov, weight_decay=wd, **gc_args)
     return optax.chain(*l2, optax.sgd(lr, o.momentum or None, o.nesterov))
   o = config.adam
   if gc:
-    return optax_gc.adam_gc(lr, o.b1, o.b2, o.eps, wd, **gc_args)
+    return optax_gc.adam_gc(lr, o.b1, o.b2, o.eps, weight_decay=wd, **gc_args)
   return optax.chain(*l2, optax.adam(lr, o.b1, o.b2, o.eps))
 
 
@@ -168,7 +168,7 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict:
   rules = gc_rules(config, ds)
   optimizers = {v: make_optimizer(config, v == "gc", rules) for v in VARIANTS}
   functions = {v: make_functions(graphdef, optimizers[v]) for v in VARIANTS}
-  curves = {
+  curves: dict[str, dict[str, list]] = {
     v: {"train_loss": [], "test_loss": [], "test_accuracy": [], "wall_s": []} for v in VARIANTS
   }
 
@@ -189,7 +189,7 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict:
         bar.set_description(f"{name}, seed {i + 1}/{len(seeds)}")
         train_chunk, evaluate = functions[variant]
         params, opt_state = params0, optimizers[variant].init(params0)
-        run = {k: [] for k in ("train_loss", "test_loss", "test_accuracy")}
+        run: dict[str, list[float]] = {k: [] for k in ("train_loss", "test_loss", "test_accuracy")}
         start_time = time.perf_counter()
         for start, stop in chunks:
           params, opt_state, loss = train_chunk(params, opt_state, rest, x, y, idx[start:stop])
