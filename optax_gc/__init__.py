@@ -1,7 +1,7 @@
 """optax_gc: Gradient Centralization for optax, each leaf's fan-in read from the model or a rule."""
 
 from optax_gc._src.derive import rules_for
-from optax_gc._src.optimizers import adam_gc, adamw_gc, sgd_gc
+from optax_gc._src.optimizers import AdamWReference, adam_gc, adamw_gc, sgd_gc
 from optax_gc._src.plan import Plan, Row, explain
 from optax_gc._src.rules import Axes, LayerRule, LayerRules, Preset, Rule, RulesLike
 from optax_gc._src.transform import On, centralize, with_centralization
@@ -9,6 +9,7 @@ from optax_gc._src.transform import On, centralize, with_centralization
 __version__ = "0.1.0"
 
 __all__ = [
+  "AdamWReference",
   "Axes",
   "LayerRule",
   "LayerRules",

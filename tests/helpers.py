@@ -105,3 +105,17 @@ def run_steps(step, params, opt_state, grads):
     history.append((params, opt_state))
     centred.append(c)
   return history, centred
+
+
+def random_params(shapes: dict, seed: int = 0) -> dict:
+  """``{layer: {name: float64 normal array}}`` of the given shapes."""
+  rng = np.random.default_rng(seed)
+  return {n: {k: rng.normal(size=s) for k, s in d.items()} for n, d in shapes.items()}
+
+
+def step_grads(params, t: int):
+  """Gradients that depend on the step and on the parameters (so optimizer state matters)."""
+  import jax
+
+  rng = np.random.default_rng(1000 + t)
+  return jax.tree.map(lambda p: rng.normal(size=p.shape) + 0.3 * np.asarray(p), params)

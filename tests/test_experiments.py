@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers import flat
@@ -18,9 +19,17 @@ from optax_gc.experiments import cli, data, report, train
 from optax_gc.experiments import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
 # Written down, not globbed: what config_names() and --help must list.
-REPO_CONFIGS = {"default", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp", "mnist1d_transformer"}
+REPO_CONFIGS = {
+  "default",
+  "digits_cnn",
+  "digits_resnet",
+  "mnist1d_cnn",
+  "mnist1d_mlp",
+  "mnist1d_resnet",
+  "mnist1d_transformer",
+}
 SMOKE = [
   "--config.seeds=1",
   "--config.num_steps=30",
@@ -70,7 +79,7 @@ def test_smoke_run(name, optimizer, tmp_path, capsys):
     curves = metrics["variants"][variant]
     acc = np.asarray(curves["test_accuracy"])
     assert acc.shape == (1, 3) and np.all((acc >= 0) & (acc <= 1))
-    assert np.all(np.isfinite(curves["train_loss"]))
+    assert np.all(np.isfinite(curves["train_loss"])) and curves["diverged_at"] == [None]
     # The summary is the last evaluation, read back independently of report.py.
     assert curves["summary"]["final_test_accuracy"]["mean"] == acc[0, -1]
     label = "SGD-momentum" if optimizer == "sgd" else "Adam"
@@ -111,17 +120,22 @@ def test_python_dash_m_form(tmp_path):
 
 BAD = {
   "unknown config": (["--config=nope"], "unknown config 'nope'"),
-  "unknown field": (["--config.seed=3"], "did you mean --config.seeds?"),
+  "unknown field": (["--config.seed=3"], "unknown config field 'seed'; did you mean seeds?"),
   "negative lr": (
     ["--config.adam.learning_rate=-1"],
     "adam.learning_rate=-1.0: must be a positive",
   ),
   "zero seeds": (["--config.seeds=0"], "--config.seeds=0: must be an integer >= 1"),
-  "not a number": (["--config.num_steps=many"], "expected an integer"),
+  "not a number": (["--config.num_steps=many"], "--config.num_steps=many"),
   "bad optimizer": (["--config.optimizer=lamb"], "sgd or adam"),
   "bad rule": (["--config.gc_rules=(('(', (0,)),)"], "gc_rules"),
   "unused rule": (["--config.gc_rules=(('nothing$', (0,)),)"], "matched no parameter"),
-  "bad flag": (["--seeds=3"], "unknown flag --seeds"),
+  "bad flag": (["--seeds=3"], "Unknown command line flag 'seeds'"),
+  "positional": (["mnist1d_mlp"], "unexpected argument 'mnist1d_mlp'"),
+  "unknown sweep field": (["--sweep=sgd.learnig_rate=0.1,0.2"], "did you mean sgd.learning_rate?"),
+  "bad sweep value": (["--sweep=seeds=1,x"], "seeds=x: expected an integer"),
+  "bad sweep point": (["--sweep=seeds=0,1"], "sweep point seeds=0"),
+  "sweep without values": (["--sweep=seeds"], "give FIELD=V1,V2"),
 }
 
 
@@ -158,12 +172,13 @@ def test_batches_are_reshuffled_passes():
 
 def _train(config, gc, steps=40):
   ds = data.load(config.dataset, **config.data)
-  graphdef, params, rest = train.init_model(config, ds, seed=0)
+  train_graph, eval_graph, params, rest = train.init_seeds(config, ds, [0])
   tx = train.make_optimizer(config, gc)
-  train_chunk, _ = train.make_functions(graphdef, tx)
-  idx = train.batch_indices(len(ds.y_train), config.batch_size, steps, seed=0)
-  new, _, _ = train_chunk(params, tx.init(params), rest, ds.x_train, ds.y_train, idx)
-  return params, new
+  train_chunk, _ = train.make_functions(train_graph, eval_graph, tx)
+  idx = train.batch_indices(len(ds.y_train), config.batch_size, steps, seed=0)[None]
+  state = jax.vmap(tx.init)(params)
+  new = train_chunk(params, state, rest, ds.x_train, ds.y_train, idx)[0]
+  return jax.tree.map(lambda a: a[0], params), jax.tree.map(lambda a: a[0], new)
 
 
 def _fan_in_means(tree):
@@ -199,7 +214,8 @@ def test_summary_statistics_against_numpy():
       "train_loss": loss[i].tolist(),
       "test_loss": loss[i].tolist(),
       "test_accuracy": acc[i].tolist(),
-      "wall_s": [1.0] * 5,
+      "wall_s": 1.0,
+      "diverged_at": [None, 3, None, None, 1],
     }
     for i, v in enumerate(("baseline", "gc"))
   }
@@ -212,3 +228,5 @@ def test_summary_statistics_against_numpy():
   assert s["steps_to_target"] == expected
   diff = acc[1, :, -1] - acc[0, :, -1]
   assert r["gc_minus_baseline"]["seeds_gc_better"] == int((diff > 0).sum())
+  assert s["diverged_at"] == [None, 3, None, None, 1]
+  assert report.diverged_cell(s["diverged_at"]) == "2/5 (steps 1, 3)"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import np_centre
+from helpers import np_centre, random_params, step_grads
 
 import optax_gc
 
@@ -16,14 +16,7 @@ FAN_IN = {"conv/kernel": (0, 1, 2), "conv/bias": None, "dense/kernel": (0,)}
 
 
 def init_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {n: {k: rng.normal(size=s) for k, s in d.items()} for n, d in SHAPES.items()}
-
-
-def grad_fn(params, t):
-  """A gradient that depends on the step and on the parameters (so state matters)."""
-  rng = np.random.default_rng(1000 + t)
-  return jax.tree.map(lambda p: rng.normal(size=p.shape) + 0.3 * np.asarray(p), params)
+  return random_params(SHAPES, seed)
 
 
 class NumpyReference:
@@ -70,7 +63,7 @@ class NumpyReference:
       for path, v in params.items():
         n, k = path.split("/")
         nested[n][k] = v
-      grads = grad_fn(nested, t)
+      grads = step_grads(nested, t)
       for path in params:
         n, k = path.split("/")
         params[path] = self.step(path, params[path], grads[n][k], FAN_IN[path])
@@ -83,7 +76,7 @@ def run_optax(tx, params, steps):
   step = jax.jit(tx.update)
   history = [params]
   for t in range(steps):
-    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grad_fn(params, t))
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), step_grads(params, t))
     updates, state = step(g, state, params)
     params = optax.apply_updates(params, updates)
     history.append(params)

@@ -21,11 +21,41 @@ The reference's conv-only variant ("GCC") is ``preset="flax_conv"`` (or
 ``"torch_conv"``): conv kernels are centred; Dense and attention kernels are
 not. Use it to reproduce the paper's GCC rows; GC on every kernel is its
 default and usually the better choice.
+
+Where this differs from the reference implementation
+(github.com/Yonghongwei/Gradient-Centralization; each difference has a float64
+test in tests/test_reference.py):
+
+- ``sgd_gc`` and ``adam_gc`` take its ``SGD_GC`` and ``Adam_GC`` steps
+  (coupled L2, then GC, then the optimizer; tests/test_optimizers.py).
+- ``adamw_gc`` takes ``optax.adamw``'s step on the centred gradient,
+  ``p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)``. The reference's
+  ``AdamW_GC`` (its CIFAR code) takes
+  ``p -= lr * sqrt(1 - b2**t) / (1 - b1**t) * (m / (sqrt(v) + eps) + wd * p)``:
+  the decoupled decay is scaled by ``sqrt(1 - b2**t) / (1 - b1**t)`` each step
+  (below 1 throughout with the default betas: 0.32 at step 1, 0.15 at step 12,
+  0.8 at step 1000), and ``eps`` sits outside the bias correction (it acts as
+  ``eps / sqrt(1 - b2**t)`` against ``sqrt(v_hat)``). Its ``algorithm-GC`` AdamW takes
+  ``p -= lr / (1 - b1**t) * (m / (sqrt(v / (1 - b2**t)) + eps) + wd * p)``: the
+  decay is scaled by ``1 / (1 - b1**t)``. ``adamw_gc(..., reference="cifar")``
+  and ``reference="algorithm_gc"`` take those steps, for reproducing its numbers.
+- Its conv-only GC ("GCC") centres only tensors of more than 3 dims, so it
+  skips Conv1d weights ``(out, in, k)``; ``preset="flax_conv"`` and
+  ``"torch_conv"`` centre every conv kernel, 1-D ones included.
+- Its GC centres every tensor of 2 or more dims: an embedding table loses each
+  row's mean over the embedding dim, and a weight with a single input (fan-in
+  1, ``(out, 1)``) gets a zero gradient, so it never trains. Both are left
+  unchanged here on purpose: an embedding's row is not a neuron's fan-in
+  (``rules_for`` gives Embed tables no GC, the ``"flax"`` preset centres only
+  ``kernel`` and ``w`` leaves, ``"torch"`` leaves ``embed*/weight`` alone), and
+  a leaf whose fan-in has one element is never centred.
 """
 
-from typing import Any, TypedDict, Unpack
+import numbers
+from typing import Any, Literal, TypedDict, Unpack
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_gc._src import rules as rules_lib
@@ -40,6 +70,77 @@ class GCOptions(TypedDict, total=False):
   strength: float | jax.Array
   strict: bool
   on: On
+
+
+AdamWReference = Literal["cifar", "algorithm_gc"]
+"""The reference implementation's AdamW steps ``adamw_gc(reference=...)`` can take."""
+
+
+def _reference_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  mu_dtype: Any | None,
+  weight_decay: optax.ScalarOrSchedule,
+  mask: Any,
+  reference: AdamWReference,
+) -> optax.GradientTransformation:
+  """The reference's AdamW step, with ``optax.adamw``'s state: ``(adam, decay, lr)``.
+
+  Its bias correction scales the decay too, so it is applied after optax's own
+  ``add_decayed_weights`` (which brings masks and schedules), with Adam's count.
+  The state is ``optax.adamw``'s, moments included, so a checkpoint restores
+  across ``reference``.
+  """
+  adam = optax.scale_by_adam(b1, b2, eps, 0.0, mu_dtype)  # for its state only
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  step = optax.scale_by_learning_rate(learning_rate)
+
+  def init_fn(params):
+    return (adam.init(params), decay.init(params), step.init(params))
+
+  def update_fn(updates, state, params=None):
+    adam_state, decay_state, step_state = state
+    mu = optax.tree.update_moment(updates, adam_state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, adam_state.nu, b2, 2)
+    count = optax.safe_increment(adam_state.count)
+    bc1, bc2 = 1 - b1**count, 1 - b2**count
+    if reference == "cifar":  # eps outside the bias correction
+      scale = jnp.sqrt(bc2) / bc1
+      direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    else:
+      scale, root_bc2 = 1 / bc1, jnp.sqrt(bc2)
+      direction = jax.tree.map(
+        lambda m, v: m / (jnp.sqrt(v) / root_bc2.astype(v.dtype) + eps), mu, nu
+      )
+    direction, decay_state = decay.update(direction, decay_state, params)
+    direction = jax.tree.map(lambda d: d * scale.astype(d.dtype), direction)
+    direction, step_state = step.update(direction, step_state, params)
+    adam_state = optax.ScaleByAdamState(
+      count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast_like(nu, adam_state.nu)
+    )
+    return direction, (adam_state, decay_state, step_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_reference(reference, eps_root, nesterov) -> None:
+  """The arguments ``adamw_gc(reference=...)`` cannot take, refused when it is built."""
+  if reference not in (None, "cifar", "algorithm_gc"):
+    raise ValueError(
+      f"reference={reference!r}; use None (optax.adamw's step), 'cifar' (the reference's "
+      "CIFAR AdamW_GC) or 'algorithm_gc' (its algorithm-GC AdamW)."
+    )
+  if reference is None:
+    return
+  if nesterov:
+    raise ValueError(f"nesterov=True with reference={reference!r}: the reference has no Nesterov.")
+  if not (isinstance(eps_root, numbers.Real) and eps_root == 0):
+    raise ValueError(
+      f"eps_root={eps_root!r} with reference={reference!r}: the reference has no eps_root; "
+      "leave it at 0.0."
+    )
 
 
 def _gc(tx, weight_decay, mask, gc: GCOptions) -> optax.GradientTransformationExtraArgs:
@@ -149,24 +250,33 @@ def adamw_gc(
   mask: Any = None,
   *,
   nesterov: bool = False,
+  reference: AdamWReference | None = None,
   **gc: Unpack[GCOptions],
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with Gradient Centralization: GC, Adam, then decoupled weight decay.
 
-  The step is ``optax.adamw``'s, on the centred gradient. ``weight_decay``
-  keeps optax's default, 1e-4 (PyTorch's AdamW and the reference's
-  ``AdamW_GC`` default to 1e-2).
+  The step is ``optax.adamw``'s, on the centred gradient, unless ``reference``
+  asks for one of the reference implementation's (see the module's "Where this
+  differs"). ``weight_decay`` keeps optax's default, 1e-4 (PyTorch's AdamW and
+  the reference's ``AdamW_GC`` default to 1e-2).
 
   Args:
     learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
       nesterov: as in ``optax.adamw``.
+    reference: None (default): ``optax.adamw``'s step. ``"cifar"``: the
+      reference's ``AdamW_GC``, ``p -= lr * sqrt(1 - b2**t) / (1 - b1**t) *
+      (m / (sqrt(v) + eps) + wd * p)``: decay scaled by the bias corrections,
+      ``eps`` outside them. ``"algorithm_gc"``: its ``algorithm-GC`` AdamW,
+      ``p -= lr / (1 - b1**t) * (m / (sqrt(v / (1 - b2**t)) + eps) + wd * p)``.
+      Either keeps ``mask``, schedules and ``optax.adamw``'s state; neither
+      takes ``nesterov=True`` or a nonzero ``eps_root`` (``ValueError``).
     **gc: ``rules``, ``preset``, ``strength``, ``strict``, ``on``, as in
       :func:`optax_gc.with_centralization` (``on="update"``, GC2: decay included
       in what is centred, so the fan-in mean of the weights stays fixed).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state has
-    ``optax.adamw``'s structure.
+    ``optax.adamw``'s structure, whichever ``reference``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -176,8 +286,16 @@ def adamw_gc(
     >>> updates, _ = tx.update({"kernel": jnp.ones((3, 2))}, tx.init(params), params)
     >>> print(updates["kernel"][0])  # only the decay is left: -lr * wd * p
     [-0.0001 -0.0001]
+    >>> tx = optax_gc.adamw_gc(1e-3, weight_decay=0.1, reference="cifar")
+    >>> ref, _ = tx.update({"kernel": jnp.ones((3, 2))}, tx.init(params), params)
+    >>> round(float(ref["kernel"][0, 0] / updates["kernel"][0, 0]), 4)  # sqrt(1 - b2) / (1 - b1)
+    0.3162
   """
-  tx = optax.adamw(
-    learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov
-  )
+  _check_reference(reference, eps_root, nesterov)
+  if reference is None:
+    tx = optax.adamw(
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov
+    )
+  else:
+    tx = _reference_adamw(learning_rate, b1, b2, eps, mu_dtype, weight_decay, mask, reference)
   return _gc(tx, 0.0, None, gc)

@@ -1,13 +1,17 @@
-"""Configs: the common fields, loading ``configs/NAME.py``, overrides, validation.
+"""Configs: the common fields, finding ``NAME.py`` by name, field values, validation.
 
 A config file follows the Flax examples' convention: ``get_config()`` returns an
 ``ml_collections.ConfigDict``. Ours start from :func:`base_config`, so every
 config has the same fields and every field can be overridden on the command
-line (``--config.seeds=3``, ``--config.adam.learning_rate=3e-3``).
+line (``--config.seeds=3``, ``--config.adam.learning_rate=3e-3``, by
+``ml_collections.config_flags``) or swept (``--sweep=sgd.learning_rate=0.1,0.3``).
+The configs ship in the package (``optax_gc.configs``, from the repository's
+``configs/``); ``./configs/NAME.py`` in the working directory comes first.
 """
 
 import ast
 import difflib
+import importlib.resources
 import importlib.util
 import math
 import os
@@ -18,13 +22,12 @@ import ml_collections
 
 import optax_gc
 
-# The repository's configs/ folder (found when running from a checkout or an
-# editable install); names are also looked up in ./configs.
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-DATASETS = {"mnist1d": ("cnn1d", "mlp", "transformer"), "digits": ("cnn2d", "mlp")}
+DATASETS = {
+  "mnist1d": ("cnn1d", "mlp", "transformer", "resnet1d"),
+  "digits": ("cnn2d", "mlp", "resnet2d"),
+}
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 PRESETS = ("flax", "flax_conv", "torch", "torch_conv", "none")
 
 
@@ -45,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Data: "mnist1d" (fields of mnist1d's get_dataset_args) or "digits".
   c.dataset = "mnist1d"
   c.data = ml_collections.ConfigDict({"num_samples": 5000, "seed": 42})
-  # Model: `kind` is cnn1d, cnn2d, mlp or transformer; other fields go to its constructor.
+  # Model: `kind` is cnn1d, cnn2d, mlp, transformer, resnet1d or resnet2d; other fields go to
+  # its constructor.
   c.model = ml_collections.ConfigDict({"kind": "cnn1d"})
   # Optimizer: "sgd" (heavy-ball momentum) or "adam", with the hyperparameters of
   # the one selected. GC on: optax_gc.sgd_gc / adam_gc; off: the same without GC.
@@ -53,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sgd = ml_collections.ConfigDict({"learning_rate": 0.1, "momentum": 0.9, "nesterov": False})
   c.adam = ml_collections.ConfigDict({"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-8})
   c.weight_decay = 5e-4  # coupled L2, added to the gradient before GC (the paper's order)
-  c.schedule = "cosine"  # decay to 0 over num_steps, or "constant"
+  # "cosine": decay to 0 over num_steps; "step": x0.1 at 50% and 75% of num_steps; "constant".
+  c.schedule = "cosine"
   c.batch_size = 100
   c.num_steps = 6000
   c.eval_every = 250
@@ -62,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = 5
   c.first_seed = 0
   c.target_loss = 0.1  # reported: the first step at which the train loss is <= this
-  # GC: rules (pattern, axes) tried before the preset; see optax_gc.centralize.
+  # GC: rules (pattern, axes) tried first, then those optax_gc.rules_for derives from the
+  # model, then the preset; see optax_gc.centralize.
   c.gc_rules = ()
   c.gc_preset = "flax"
   c.workdir = "runs"
@@ -70,14 +76,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _packaged() -> dict[str, Path]:
+  folder = importlib.resources.files("optax_gc.configs")
+  return {
+    p.name[:-3]: Path(str(p))
+    for p in folder.iterdir()
+    if p.name.endswith(".py") and not p.name.startswith("_")
+  }
+
+
 def config_names() -> list[str]:
-  """The names of the configs in ``./configs`` and the repository's ``configs/``."""
-  dirs = {Path("configs"), REPO_CONFIGS}
-  return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.py") if p.stem[0] != "_"})
+  """The names of the installed configs and of those in ``./configs``."""
+  local = Path("configs")
+  mine = {p.stem for p in local.glob("*.py") if p.stem[0] != "_"} if local.is_dir() else set()
+  return sorted(mine | set(_packaged()))
 
 
 def find_config(spec: str) -> Path:
-  """The file for ``--config=spec``: a path to a .py file, or a bare config name.
+  """The file for ``--config=spec``: a path to a .py file, or a config's name.
+
+  A name is looked up in ``./configs`` first, then among the installed configs.
 
   Example:
     >>> find_config("default").name
@@ -87,15 +105,19 @@ def find_config(spec: str) -> Path:
     path = Path(spec)
     if not path.is_file():
       raise UsageError(
-        f"config file {spec!r} does not exist; pass a path to a configs/NAME.py file"
+        f"config file {spec!r} does not exist; pass a path to a NAME.py file or a config's name"
       )
     return path
-  for d in (Path("configs"), REPO_CONFIGS):
-    if (d / f"{spec}.py").is_file():
-      return d / f"{spec}.py"
+  local = Path("configs") / f"{spec}.py"
+  if local.is_file():
+    return local
+  packaged = _packaged()
+  if spec in packaged:
+    return packaged[spec]
+  close = difflib.get_close_matches(spec, config_names(), n=1)
+  hint = f"did you mean --config={close[0]}? " if close else ""
   raise UsageError(
-    f"unknown config {spec!r}; pass --config=NAME with NAME one of {', '.join(config_names())}, "
-    "or a path to a config file"
+    f"unknown config {spec!r}; {hint}configs: {', '.join(config_names())}, or a path to a .py file"
   )
 
 
@@ -138,9 +160,7 @@ def fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def _parse_value(key: str, raw: str, old):
   def bad(expected):
-    return UsageError(
-      f"--config.{key}={raw}: expected {expected}; pass e.g. --config.{key}={old!r}"
-    )
+    return UsageError(f"{key}={raw}: expected {expected}, like {key}={old!r}")
 
   if isinstance(old, bool):
     if raw.lower() in ("true", "1", "yes"):
@@ -172,10 +192,10 @@ def _parse_value(key: str, raw: str, old):
 
 
 def override(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
-  """Sets the dotted field ``key`` of ``config`` from the command-line string ``raw``.
+  """Sets the dotted field ``key`` of ``config`` from the string ``raw``, read as its type.
 
-  The string is read as the field's current type (bool, int, float, str, or a
-  Python literal for tuples).
+  Raises :class:`UsageError` for an unknown field (with the closest name) or a
+  value of the wrong type.
 
   Example:
     >>> c = base_config()
@@ -183,22 +203,34 @@ def override(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
     >>> c.adam.learning_rate
     0.003
   """
+  node, last = holder(config, key)
+  old = node[last]
+  if isinstance(old, ml_collections.ConfigDict):
+    raise UsageError(
+      f"{key} is a group of fields; give one of them, e.g. {fields(old, key + '.')[0]}"
+    )
+  node[last] = _parse_value(key, raw, old)
+
+
+def holder(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """``(ConfigDict, name)`` holding the dotted field ``key``; :class:`UsageError` if none does.
+
+  Example:
+    >>> try:
+    ...   holder(base_config(), "sgd.learning_rat")
+    ... except UsageError as e:
+    ...   print(e)
+    unknown config field 'sgd.learning_rat'; did you mean sgd.learning_rate?
+  """
   node, parts = config, key.split(".")
   for i, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      known = fields(config)
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f"did you mean --config.{close[0]}?" if close else f"fields: {', '.join(known)}"
-      raise UsageError(f"unknown config field {key!r} in --config.{key}={raw}; {hint}")
+      close = difflib.get_close_matches(key, fields(config), n=1, cutoff=0.5)
+      hint = f"did you mean {close[0]}?" if close else "see --help"
+      raise UsageError(f"unknown config field {key!r}; {hint}")
     if i < len(parts) - 1:
       node = node[part]
-  old = node[parts[-1]]
-  if isinstance(old, ml_collections.ConfigDict):
-    raise UsageError(
-      f"--config.{key} is a group of fields; set one of them, e.g. "
-      f"--config.{fields(old, key + '.')[0]}=..."
-    )
-  node[parts[-1]] = _parse_value(key, raw, old)
+  return node, parts[-1]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -245,7 +277,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check("adam.b2", unit, "in [0, 1)", 0.999)
   check("adam.eps", positive, "a positive number", 1e-8)
   check("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number >= 0", 0.0)
-  check("schedule", lambda v: v in SCHEDULES, "constant or cosine", "cosine")
+  check("schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "cosine")
   for key, example in (("seeds", 5), ("num_steps", 6000), ("eval_every", 250), ("batch_size", 100)):
     check(key, count, "an integer >= 1", example)
   check("first_seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", 0)

@@ -140,6 +140,77 @@ class MLP(nnx.Module):
     return self.head(x)
 
 
+def _conv(cin, cout, ndim, kernel, stride, rngs):
+  padding = kernel // 2
+  return nnx.Conv(
+    cin,
+    cout,
+    (kernel,) * ndim,
+    strides=stride,
+    padding=padding,
+    use_bias=False,  # the batch norm after it has the offset
+    conv_general_dilated=matmul_conv,
+    rngs=rngs,
+  )
+
+
+def _norm(channels, rngs):
+  # PyTorch's running-average momentum (0.1): runs here are a few thousand steps.
+  return nnx.BatchNorm(channels, momentum=0.9, rngs=rngs)
+
+
+class ResidualBlock(nnx.Module):
+  """Two 3-wide convolutions with batch norm, and a projected shortcut where the shape changes."""
+
+  def __init__(self, cin, cout, stride, ndim, *, rngs: nnx.Rngs):
+    self.conv1, self.norm1 = _conv(cin, cout, ndim, 3, stride, rngs), _norm(cout, rngs)
+    self.conv2, self.norm2 = _conv(cout, cout, ndim, 3, 1, rngs), _norm(cout, rngs)
+    projected = stride != 1 or cin != cout
+    self.shortcut = nnx.data(
+      nnx.Sequential(_conv(cin, cout, ndim, 1, stride, rngs), _norm(cout, rngs))
+      if projected
+      else None
+    )
+
+  def __call__(self, x):
+    h = nnx.relu(self.norm1(self.conv1(x)))
+    h = self.norm2(self.conv2(h))
+    return nnx.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nnx.Module):
+  """A small batch-norm ResNet (the paper's regime): a stem, one residual block per stage.
+
+  Each stage after the first halves the length (or height and width) and
+  doubles the channels; global average pooling and a linear head follow.
+  ``ndim`` is 1 for signals ``(batch, length)``, 2 for images ``(batch, h, w, c)``.
+
+  Example:
+    >>> net = ResNet(1, channels=(8, 16), ndim=1, rngs=nnx.Rngs(0))
+    >>> net(jnp.ones((2, 40))).shape
+    (2, 10)
+  """
+
+  def __init__(self, in_channels, channels=(16, 32, 64), num_classes=10, *, ndim, rngs):
+    self.ndim = ndim
+    self.stem = _conv(in_channels, channels[0], ndim, 3, 1, rngs)
+    self.stem_norm = _norm(channels[0], rngs)
+    sizes = [channels[0], *channels]
+    self.blocks = nnx.List(
+      ResidualBlock(a, b, 1 if i == 0 else 2, ndim, rngs=rngs)
+      for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    )
+    self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    if x.ndim == self.ndim + 1:  # no channel axis: one channel
+      x = x[..., None]
+    x = nnx.relu(self.stem_norm(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=tuple(range(1, 1 + self.ndim))))
+
+
 class Block(nnx.Module):
   """A pre-norm Transformer block: self-attention and a GELU MLP."""
 
@@ -207,7 +278,7 @@ class Transformer(nnx.Module):
 
 
 def make(kind: str, input_shape: tuple[int, ...], num_classes: int, seed: int, **kwargs):
-  """Builds model ``kind`` ("cnn1d", "cnn2d", "mlp", "transformer") for inputs of ``input_shape``.
+  """Builds model ``kind`` (cnn1d, cnn2d, mlp, transformer, resnet1d, resnet2d) for ``input_shape``.
 
   Example:
     >>> model = make("mlp", (40,), 10, seed=0, hidden=(8,))
@@ -224,4 +295,10 @@ def make(kind: str, input_shape: tuple[int, ...], num_classes: int, seed: int, *
     return MLP(size, num_classes=num_classes, rngs=rngs, **kwargs)
   if kind == "transformer":
     return Transformer(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
-  raise ValueError(f"unknown model {kind!r}; expected cnn1d, cnn2d, mlp or transformer")
+  if kind in ("resnet1d", "resnet2d"):
+    ndim = 1 if kind == "resnet1d" else 2
+    channels_in = 1 if len(input_shape) == ndim else input_shape[-1]
+    return ResNet(channels_in, num_classes=num_classes, ndim=ndim, rngs=rngs, **kwargs)
+  raise ValueError(
+    f"unknown model {kind!r}; expected cnn1d, cnn2d, mlp, transformer, resnet1d or resnet2d"
+  )

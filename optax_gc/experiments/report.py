@@ -5,22 +5,25 @@ markdown table of several runs (one row per config, optimizer and GC setting)
 and can draw their test accuracy curves side by side.
 """
 
+import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 VARIANT_NAMES = {"baseline": "no GC", "gc": "GC"}
+COLORS = {"baseline": "tab:blue", "gc": "tab:orange"}
 
 
-def _mean_std(values) -> dict:
+def mean_std(values) -> dict:
+  """Mean and standard deviation (ddof=1) over the finite values; NaN if there are none."""
   v = np.asarray(values, dtype=float)
+  v = v[np.isfinite(v)]
+  if v.size == 0:
+    return {"mean": float("nan"), "std": float("nan")}
   return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
 
 
@@ -40,12 +43,15 @@ def first_step_below(steps, losses, target: float) -> int | None:
 def summarize(results: dict) -> dict:
   """Adds ``summary`` to each variant, and ``gc_minus_baseline``, to ``results``.
 
-  Means and standard deviations (ddof=1) are over seeds. ``steps_to_target``
-  lists each seed's first step with train loss <= ``target_loss``.
+  Means and standard deviations (ddof=1) are over seeds: test accuracies over
+  every seed, diverged or not (a diverged model's accuracy is measured as it
+  is); losses over the seeds that stayed finite. ``steps_to_target`` lists
+  each seed's first step with train loss <= ``target_loss``; ``diverged_at``
+  each seed's first step with a non-finite loss (None: never).
 
   Example:
     >>> curves = {"train_loss": [[1.0, 0.05]], "test_loss": [[1.0, 0.5]],
-    ...           "test_accuracy": [[0.5, 0.9]], "wall_s": [1.0]}
+    ...           "test_accuracy": [[0.5, 0.9]], "wall_s": 1.0, "diverged_at": [None]}
     >>> r = summarize({"steps": [10, 20], "target_loss": 0.1,
     ...                "variants": {"baseline": curves, "gc": curves}})
     >>> r["variants"]["gc"]["summary"]["steps_to_target"]
@@ -56,26 +62,28 @@ def summarize(results: dict) -> dict:
     acc = np.asarray(curves["test_accuracy"])
     loss = np.asarray(curves["train_loss"])
     curves["summary"] = {
-      "final_test_accuracy": _mean_std(acc[:, -1]),
-      "best_test_accuracy": _mean_std(acc.max(axis=1)),
-      "final_train_loss": _mean_std(loss[:, -1]),
-      "final_test_loss": _mean_std(np.asarray(curves["test_loss"])[:, -1]),
+      "final_test_accuracy": mean_std(acc[:, -1]),
+      "best_test_accuracy": mean_std(acc.max(axis=1)),
+      "final_train_loss": mean_std(loss[:, -1]),
+      "final_test_loss": mean_std(np.asarray(curves["test_loss"])[:, -1]),
       "steps_to_target": [first_step_below(steps, run, target) for run in loss],
-      "wall_s": _mean_std(curves["wall_s"]),
+      "diverged_at": list(curves.get("diverged_at", [None] * len(acc))),
     }
   v = results["variants"]
   diff = (
     np.asarray(v["gc"]["test_accuracy"])[:, -1] - np.asarray(v["baseline"]["test_accuracy"])[:, -1]
   )
   results["gc_minus_baseline"] = {
-    "final_test_accuracy": _mean_std(diff),
+    "final_test_accuracy": mean_std(diff),
     "seeds_gc_better": int((diff > 0).sum()),
     "seeds_gc_worse": int((diff < 0).sum()),
   }
   return results
 
 
-def _pm(stat: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+def pm(stat: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+  if not math.isfinite(stat["mean"]):
+    return "-"
   return f"{stat['mean'] * scale:{fmt}} ± {stat['std'] * scale:{fmt}}"
 
 
@@ -84,6 +92,13 @@ def _steps_cell(steps_to_target: list) -> str:
   if not reached:
     return f"never (0/{len(steps_to_target)})"
   return f"{int(np.median(reached))} ({len(reached)}/{len(steps_to_target)})"
+
+
+def diverged_cell(diverged_at: list) -> str:
+  """``"0/5"``, or ``"2/5 (steps 40, 251)"``: how many seeds diverged, and at which step."""
+  hit = [s for s in diverged_at if s is not None]
+  where = f" (steps {', '.join(map(str, sorted(hit)))})" if hit else ""
+  return f"{len(hit)}/{len(diverged_at)}{where}"
 
 
 def rows(results: dict) -> list[list[str]]:
@@ -96,10 +111,11 @@ def rows(results: dict) -> list[list[str]]:
         results["config"]["name"],
         results["label"],
         VARIANT_NAMES[variant],
-        _pm(s["final_test_accuracy"], 100),
-        _pm(s["best_test_accuracy"], 100),
-        _pm(s["final_train_loss"], 1, ".2g"),
+        pm(s["final_test_accuracy"], 100),
+        pm(s["best_test_accuracy"], 100),
+        pm(s["final_train_loss"], 1, ".2g"),
         _steps_cell(s["steps_to_target"]),
+        diverged_cell(s["diverged_at"]),
         _paired_cell(results) if variant == "gc" else "",
         str(len(results["seeds"])),
       ]
@@ -109,7 +125,7 @@ def rows(results: dict) -> list[list[str]]:
 
 def _paired_cell(results: dict) -> str:
   d = results["gc_minus_baseline"]
-  return f"{_pm(d['final_test_accuracy'], 100)} ({d['seeds_gc_better']}/{len(results['seeds'])})"
+  return f"{pm(d['final_test_accuracy'], 100)} ({d['seeds_gc_better']}/{len(results['seeds'])})"
 
 
 def header(target_loss) -> list[str]:
@@ -121,6 +137,7 @@ def header(target_loss) -> list[str]:
     "best test acc %",
     "final train loss",
     f"steps to loss ≤ {target_loss:g} (median, seeds)",
+    "diverged (seeds)",
     "GC − no GC, final acc (seeds better)",
     "seeds",
   ]
@@ -134,7 +151,7 @@ def text_table(results: dict) -> str:
   lines.insert(1, "  ".join("-" * w for w in widths))
   d = results["gc_minus_baseline"]
   lines.append(
-    f"GC - no GC, final test accuracy (paired by seed): {_pm(d['final_test_accuracy'], 100)} "
+    f"GC - no GC, final test accuracy (paired by seed): {pm(d['final_test_accuracy'], 100)} "
     f"points; GC better on {d['seeds_gc_better']} of {len(results['seeds'])} seeds, "
     f"worse on {d['seeds_gc_worse']}"
   )
@@ -146,11 +163,11 @@ def markdown_table(runs: list[dict]) -> str:
 
   Example:
     >>> curves = {"train_loss": [[0.05]], "test_loss": [[0.5]],
-    ...           "test_accuracy": [[0.9]], "wall_s": [1.0]}
+    ...           "test_accuracy": [[0.9]], "wall_s": 1.0, "diverged_at": [None]}
     >>> r = summarize({"steps": [10], "target_loss": 0.1, "seeds": [0], "label": "Adam",
     ...                "config": {"name": "demo"}, "variants": {"baseline": curves, "gc": curves}})
-    >>> print(markdown_table([r]).splitlines()[3])
-    | demo | Adam | GC | 90.00 ± 0.00 | 90.00 ± 0.00 | 0.05 ± 0 | 10 (1/1) | 0.00 ± 0.00 (0/1) | 1 |
+    >>> print(markdown_table([r]).splitlines()[3].split(" | ")[2:9])
+    ['GC', '90.00 ± 0.00', '90.00 ± 0.00', '0.05 ± 0', '10 (1/1)', '0/1', '0.00 ± 0.00 (0/1)']
   """
   targets = sorted({r["target_loss"] for r in runs})
   head = header(targets[0])
@@ -162,16 +179,32 @@ def markdown_table(runs: list[dict]) -> str:
 
 
 def _band(ax, steps, runs, color, label, scale=1.0):
-  a = np.asarray(runs) * scale
-  ax.plot(steps, a.mean(0), color=color, label=label, lw=1.5)
-  ax.fill_between(steps, a.min(0), a.max(0), color=color, alpha=0.2, lw=0)
+  """Mean line and min-max band over seeds; non-finite values (diverged seeds) are left out."""
+  a = np.asarray(runs, dtype=float) * scale
+  finite = np.where(np.isfinite(a), a, np.nan)
+  with np.errstate(all="ignore"):
+    ok = np.isfinite(finite).any(axis=0)
+    mean = np.where(ok, np.nanmean(np.where(ok, finite, 0.0), axis=0), np.nan)
+    low = np.where(ok, np.nanmin(np.where(ok, finite, 0.0), axis=0), np.nan)
+    high = np.where(ok, np.nanmax(np.where(ok, finite, 0.0), axis=0), np.nan)
+  ax.plot(steps, mean, color=color, label=label, lw=1.5)
+  ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
 
 
-COLORS = {"baseline": "tab:blue", "gc": "tab:orange"}
+def _mark_divergence(ax, steps, curves, color, scale):
+  """An x at each diverged seed's divergence step, on its curve."""
+  for run, at in zip(curves["test_accuracy"], curves.get("diverged_at", []), strict=False):
+    if at is not None:
+      i = min(np.searchsorted(steps, at), len(steps) - 1)
+      ax.plot([at], [run[i] * scale], "x", color=color, ms=7, mew=2)
 
 
 def plot_curves(results: dict, path) -> None:
-  """Train loss, test loss and test accuracy against step: mean line, min-max band over seeds."""
+  """Train loss, test loss and test accuracy against step: mean line, min-max band over seeds.
+
+  A diverged seed's losses are left out from its divergence on, and an x marks
+  where it diverged.
+  """
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(11, 3.2), dpi=90, layout="constrained")
@@ -182,14 +215,23 @@ def plot_curves(results: dict, path) -> None:
     for variant, curves in results["variants"].items():
       name = f"{results['label']}{' + GC' if variant == 'gc' else ''}"
       _band(ax, results["steps"], curves[key], COLORS[variant], name, scale)
+      if key == "test_accuracy":
+        _mark_divergence(ax, results["steps"], curves, COLORS[variant], scale)
+    if key != "test_accuracy":
+      values = np.asarray([c[key] for c in results["variants"].values()], dtype=float)
+      if not np.isfinite(values).any():
+        ax.text(0.5, 0.5, "every run diverged", ha="center", transform=ax.transAxes)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  axes[0].set_yscale("log")
-  axes[2].set_ylim(max(0, axes[2].get_ylim()[0]), 100)
+  train = np.asarray([c["train_loss"] for c in results["variants"].values()], dtype=float)
+  if np.any(np.isfinite(train) & (train > 0)):  # all diverged: no log scale to draw on
+    axes[0].set_yscale("log")
+  axes[2].set_ylim(0, 100)
   axes[2].legend(loc="lower right")
   fig.suptitle(
-    f"{results['config']['name']}: mean over {len(results['seeds'])} seeds, band = min-max"
+    f"{results['config']['name']}: mean over {len(results['seeds'])} seeds, band = min-max, "
+    "x = diverged"
   )
   fig.savefig(path)
 
@@ -217,54 +259,68 @@ def plot_grid(runs: list[dict], path) -> None:
   fig.savefig(path)
 
 
-def write_run(results: dict, workdir: str, plan_text: str) -> Path:
-  """Writes metrics.json, curves.png, summary.md and gc_plan.txt into a new folder.
-
-  The files are written into a hidden temporary folder inside ``workdir`` that
-  is renamed into place at the end, so an interrupted write leaves no partial
-  run. Returns the folder, named ``{config}-{optimizer}-{time}``.
-  """
+def new_folder(workdir: str, base: str) -> Path:
+  """A new folder ``workdir/base`` (``base-2``, ... if taken): no earlier run is overwritten."""
   root = Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  base = (
-    f"{results['config']['name']}-{results['config']['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
+  for n in range(1, 1000):
+    folder = root / (base if n == 1 else f"{base}-{n}")
+    try:
+      folder.mkdir()
+      return folder
+    except FileExistsError:
+      continue
+  raise OSError(f"no free name for {base} in {root}")
+
+
+def write_run(results: dict, workdir: str, plan_text: str) -> tuple[Path, list[str]]:
+  """Writes metrics.json first, then summary.md, gc_plan.txt and curves.png, into a new folder.
+
+  The metrics are what training produced; they are written before anything
+  that could fail for other reasons (a plot), and such a failure is returned,
+  not raised. Returns the folder, named ``{config}-{optimizer}-{time}``, and
+  the problems met after the metrics were written.
+  """
+  config = results["config"]
+  folder = new_folder(
+    workdir, f"{config['name']}-{config['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
   )
-  tmp = Path(tempfile.mkdtemp(prefix=f".{base}.", dir=root))
-  try:
-    (tmp / "metrics.json").write_text(json.dumps(results, indent=1))
-    plot_curves(results, tmp / "curves.png")
-    summary = f"`{results['command']}`\n\n{markdown_table([results])}\n"
-    (tmp / "summary.md").write_text(summary)
-    (tmp / "gc_plan.txt").write_text(plan_text + "\n")
-    for n in range(1, 1000):
-      final = root / (base if n == 1 else f"{base}-{n}")
-      try:
-        os.rename(tmp, final)  # fails if final exists (non-empty), so no run is overwritten
-        return final
-      except OSError:
-        if not final.exists():
-          raise
-    raise OSError(f"no free name for {base} in {root}")
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  (folder / "metrics.json").write_text(json.dumps(results, indent=1))
+  problems = []
+  for name, write in (
+    (
+      "summary.md",
+      lambda p: p.write_text(f"`{results['command']}`\n\n{markdown_table([results])}\n"),
+    ),
+    ("gc_plan.txt", lambda p: p.write_text(plan_text + "\n")),
+    ("curves.png", lambda p: plot_curves(results, p)),
+  ):
+    try:
+      write(folder / name)
+    except Exception as e:  # a plot or a full disk must not lose the metrics
+      problems.append(f"{name} not written: {type(e).__name__}: {e}")
+  return folder, problems
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
   """Prints the markdown table of the runs in the given folders; ``--png PATH`` also plots them."""
-  args = list(sys.argv[1:] if argv is None else argv)
-  png = None
-  if "--png" in args:
-    i = args.index("--png")
-    png = args[i + 1]
-    del args[i : i + 2]
-  if not args:
-    print("usage: python -m optax_gc.experiments.report RUN_DIR... [--png PATH]", file=sys.stderr)
-    return 2
-  runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in args]
+  parser = argparse.ArgumentParser(
+    prog="python -m optax_gc.experiments.report",
+    description="A markdown table (and a plot) of runs written by optax-gc-compare.",
+    allow_abbrev=False,
+  )
+  parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding metrics.json")
+  parser.add_argument("--png", metavar="PATH", help="also draw the runs' test accuracy curves")
+  args = parser.parse_args(argv)
+  runs = []
+  for d in args.runs:
+    path = Path(d) / "metrics.json"
+    if not path.is_file():
+      parser.error(f"{d}: no metrics.json; give folders that optax-gc-compare wrote")
+    runs.append(summarize(json.loads(path.read_text())))
   print(markdown_table(runs))
-  if png:
-    plot_grid(runs, png)
+  if args.png:
+    plot_grid(runs, args.png)
   return 0
 
 

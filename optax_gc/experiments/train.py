@@ -1,7 +1,15 @@
-"""Training one config with and without GC over several seeds."""
+"""Training one config with and without GC: every seed at once, divergence recorded.
+
+The seeds of a run train together: their parameters are stacked and one
+jitted, vmapped program steps them all, which on a CPU costs little more than
+one seed. A seed whose training loss goes non-finite has diverged: the step is
+recorded and its metrics from then on are what a diverged model gives (its
+test accuracy is measured as it is; its losses are NaN).
+"""
 
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +17,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import optax_gc
 from optax_gc.experiments import config as config_lib
@@ -18,11 +25,29 @@ from optax_gc.experiments import data, models
 VARIANTS = ("baseline", "gc")
 
 
+class Interrupted(Exception):
+  """Raised between two chunks of training steps after Ctrl-C (see ``cli``)."""
+
+
 def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
-  """The selected optimizer's learning rate, constant or cosine-decayed over ``num_steps``."""
+  """The selected optimizer's learning rate: constant, cosine-decayed, or stepped.
+
+  ``"step"`` multiplies it by 0.1 at half and at three quarters of the steps.
+
+  Example:
+    >>> from optax_gc.experiments.config import base_config
+    >>> c = base_config()
+    >>> c.optimizer, c.schedule, c.num_steps = "sgd", "step", 100
+    >>> schedule = learning_rate(c)
+    >>> [round(float(schedule(t)), 4) for t in (0, 49, 50, 75)]
+    [0.1, 0.1, 0.01, 0.001]
+  """
   lr = config[config.optimizer].learning_rate
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, config.num_steps)
+  if config.schedule == "step":
+    bounds = {config.num_steps // 2: 0.1, (3 * config.num_steps) // 4: 0.1}
+    return optax.piecewise_constant_schedule(lr, bounds)
   return lr
 
 
@@ -85,48 +110,81 @@ def batch_indices(n: int, batch_size: int, num_steps: int, seed: int) -> np.ndar
   return order[: num_steps * batch_size].reshape(num_steps, batch_size).astype(np.int32)
 
 
+def build_model(config: ml_collections.ConfigDict, ds: data.Dataset, seed: int) -> nnx.Module:
+  """The config's model, initialised from ``seed``."""
+  kwargs = {k: v for k, v in config.model.items() if k != "kind"}
+  return models.make(config.model.kind, ds.x_train.shape[1:], ds.num_classes, seed, **kwargs)
+
+
 def init_model(config: ml_collections.ConfigDict, ds: data.Dataset, seed: int):
   """Builds the config's model for ``seed``; returns ``(graphdef, params, rest)``."""
-  kwargs = {k: v for k, v in config.model.items() if k != "kind"}
-  model = models.make(config.model.kind, ds.x_train.shape[1:], ds.num_classes, seed, **kwargs)
-  return nnx.split(model, nnx.Param, ...)
+  return _split(build_model(config, ds, seed))
 
 
 def gc_rules(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple:
   """The config's ``gc_rules``, then the rules ``optax_gc.rules_for`` derives from its model."""
-  kwargs = {k: v for k, v in config.model.items() if k != "kind"}
-  model = nnx.eval_shape(
-    lambda: models.make(config.model.kind, ds.x_train.shape[1:], ds.num_classes, 0, **kwargs)
-  )
+  model = nnx.eval_shape(lambda: build_model(config, ds, 0))
   return (*config.gc_rules, *optax_gc.rules_for(model))
 
 
-def make_functions(graphdef, tx: optax.GradientTransformation):
-  """Jitted ``train_chunk`` (a ``lax.scan`` over a block of steps) and ``evaluate``."""
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
-  def loss_and_logits(params, rest, x, y):
-    logits = nnx.merge(graphdef, params, rest)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
-  @jax.jit
-  def train_chunk(params, opt_state, rest, x, y, idx):
+def init_seeds(config: ml_collections.ConfigDict, ds: data.Dataset, seeds: list[int]):
+  """``(train_graph, eval_graph, params, rest)``, params and rest stacked over ``seeds``.
+
+  The eval graph runs batch norm on its running averages (``model.eval()``).
+  """
+  built = [build_model(config, ds, s) for s in seeds]
+  splits = [_split(m) for m in built]
+  built[0].eval()
+  return (
+    splits[0][0],
+    _split(built[0])[0],
+    _stack([split[1] for split in splits]),
+    _stack([split[2] for split in splits]),
+  )
+
+
+def _split(model: nnx.Module) -> tuple:
+  """``(graphdef, params, rest)``: the parameters apart from everything else (batch statistics)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+  return graphdef, params, rest
+
+
+def make_functions(train_graph, eval_graph, tx: optax.GradientTransformation):
+  """Jitted, vmapped over seeds: ``train_chunk`` (a scan over steps) and ``evaluate``.
+
+  ``train_chunk(params, opt_state, rest, x, y, idx)`` returns the new params,
+  optimizer state and model state (batch statistics) and every step's loss.
+  """
+
+  def loss_fn(params, rest, x, y):
+    model = nnx.merge(train_graph, params, rest, copy=True)  # its batch stats change here
+    logits = model(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, _split(model)[2]
+
+  def chunk(params, opt_state, rest, x, y, idx):
     def step(carry, batch):
-      params, opt_state = carry
-      (loss, _), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
+      params, opt_state, rest = carry
+      (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, rest, x[batch], y[batch]
       )
       updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
+      return (optax.apply_updates(params, updates), opt_state, rest), loss
 
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), idx)
-    return params, opt_state, losses.mean()
+    (params, opt_state, rest), losses = jax.lax.scan(step, (params, opt_state, rest), idx)
+    return params, opt_state, rest, losses
 
-  @jax.jit
   def evaluate(params, rest, x, y):
-    loss, logits = loss_and_logits(params, rest, x, y)
+    logits = nnx.merge(eval_graph, params, rest, copy=True)(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (logits.argmax(-1) == y).mean()
 
-  return train_chunk, evaluate
+  train_chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None, None, 0)))
+  return train_chunk, jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
 
 
 def prepare(config: ml_collections.ConfigDict):
@@ -151,55 +209,97 @@ def prepare(config: ml_collections.ConfigDict):
   return ds, plan
 
 
-def compare(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict:
+def _first_nonfinite(losses: np.ndarray) -> int | None:
+  bad = np.flatnonzero(~np.isfinite(losses))
+  return int(bad[0]) if bad.size else None
+
+
+def train_arm(
+  config: ml_collections.ConfigDict,
+  ds: data.Dataset,
+  seeds: list[int],
+  functions,
+  tx: optax.GradientTransformation,
+  on_chunk: Callable[[int, float], None] = lambda steps, accuracy: None,
+  interrupt: Callable[[], bool] = lambda: False,
+) -> dict:
+  """Trains every seed with ``tx``; returns its curves (one list per seed) and divergences.
+
+  ``on_chunk(steps, mean test accuracy)`` is called after each block of
+  ``eval_every`` steps; ``interrupt()`` is asked before each, and raises
+  :class:`Interrupted` when it says so.
+  """
+  train_graph, eval_graph, params, rest = init_seeds(config, ds, seeds)
+  train_chunk, evaluate = functions
+  x, y, x_test, y_test = (jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+  idx = np.stack(
+    [batch_indices(len(ds.y_train), config.batch_size, config.num_steps, s) for s in seeds]
+  )
+  opt_state = jax.vmap(tx.init)(params)
+  curves: dict = {k: [[] for _ in seeds] for k in ("train_loss", "test_loss", "test_accuracy")}
+  diverged: list[int | None] = [None] * len(seeds)
+  start_time = time.perf_counter()
+  for start in range(0, config.num_steps, config.eval_every):
+    if interrupt():
+      raise Interrupted(f"step {start} of {config.num_steps}")
+    stop = min(start + config.eval_every, config.num_steps)
+    params, opt_state, rest, losses = train_chunk(
+      params, opt_state, rest, x, y, jnp.asarray(idx[:, start:stop])
+    )
+    test_loss, accuracy = evaluate(params, rest, x_test, y_test)
+    losses, test_loss, accuracy = (np.asarray(a) for a in (losses, test_loss, accuracy))
+    for i in range(len(seeds)):
+      first = _first_nonfinite(losses[i])
+      if diverged[i] is None and first is not None:
+        diverged[i] = start + first + 1
+      curves["train_loss"][i].append(float(losses[i].mean()))
+      curves["test_loss"][i].append(float(test_loss[i]))
+      curves["test_accuracy"][i].append(float(accuracy[i]))
+    on_chunk(stop - start, float(accuracy.mean()))
+  curves["diverged_at"] = diverged
+  curves["wall_s"] = time.perf_counter() - start_time
+  return curves
+
+
+def compare(config: ml_collections.ConfigDict, ds: data.Dataset, bar=None, interrupt=None) -> dict:
   """Trains every seed with and without GC; returns the curves, ready for JSON.
 
   Each seed's initial weights and batch order are shared by both variants, so
   the two runs of a seed differ only by GC. The test set is evaluated every
   ``eval_every`` steps and at the end; ``train_loss`` at an evaluation is the
-  mean minibatch loss since the previous one.
+  mean minibatch loss since the previous one. ``bar`` (a tqdm bar) advances by
+  the steps trained; ``interrupt()`` stops training between evaluations.
   """
   seeds = list(range(config.first_seed, config.first_seed + config.seeds))
-  bounds = list(range(0, config.num_steps, config.eval_every)) + [config.num_steps]
-  chunks = list(zip(bounds[:-1], bounds[1:], strict=False))
-  arrays = [jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)]
-  x, y, x_test, y_test = arrays
-  graphdef = init_model(config, ds, seeds[0])[0]
+  bounds = range(0, config.num_steps, config.eval_every)
+  steps = [min(s + config.eval_every, config.num_steps) for s in bounds]
   rules = gc_rules(config, ds)
-  optimizers = {v: make_optimizer(config, v == "gc", rules) for v in VARIANTS}
-  functions = {v: make_functions(graphdef, optimizers[v]) for v in VARIANTS}
-  curves: dict[str, dict[str, list]] = {
-    v: {"train_loss": [], "test_loss": [], "test_accuracy": [], "wall_s": []} for v in VARIANTS
-  }
-
+  graphs = init_seeds(config, ds, seeds[:1])
   label = optimizer_label(config)
-  bar = tqdm(
-    total=len(seeds) * len(VARIANTS) * config.num_steps,
-    unit="step",
-    file=sys.stderr,
-    disable=not config.progress,
-    dynamic_ncols=True,
-  )
-  with bar:
-    for i, seed in enumerate(seeds):
-      _, params0, rest = init_model(config, ds, seed)
-      idx = jnp.asarray(batch_indices(len(ds.y_train), config.batch_size, config.num_steps, seed))
-      for variant in VARIANTS:
-        name = f"{label}{' + GC' if variant == 'gc' else ''}"
-        bar.set_description(f"{name}, seed {i + 1}/{len(seeds)}")
-        train_chunk, evaluate = functions[variant]
-        params, opt_state = params0, optimizers[variant].init(params0)
-        run: dict[str, list[float]] = {k: [] for k in ("train_loss", "test_loss", "test_accuracy")}
-        start_time = time.perf_counter()
-        for start, stop in chunks:
-          params, opt_state, loss = train_chunk(params, opt_state, rest, x, y, idx[start:stop])
-          test_loss, accuracy = evaluate(params, rest, x_test, y_test)
-          run["train_loss"].append(float(loss))
-          run["test_loss"].append(float(test_loss))
-          run["test_accuracy"].append(float(accuracy))
-          bar.set_postfix(test_acc=f"{float(accuracy):.3f}")
-          bar.update(stop - start)
-        curves[variant]["wall_s"].append(time.perf_counter() - start_time)
-        for k, v in run.items():
-          curves[variant][k].append(v)
-  return {"steps": bounds[1:], "seeds": seeds, "label": label, "variants": curves}
+  curves = {}
+  for variant in VARIANTS:
+    tx = make_optimizer(config, variant == "gc", rules)
+    functions = make_functions(graphs[0], graphs[1], tx)
+
+    def on_chunk(n, accuracy, variant=variant):
+      if bar is not None:
+        bar.set_description(f"{config.name}: {label}{' + GC' if variant == 'gc' else ''}")
+        bar.set_postfix(test_acc=f"{accuracy:.3f}")
+        bar.update(n)
+
+    curves[variant] = train_arm(
+      config, ds, seeds, functions, tx, on_chunk, interrupt or (lambda: False)
+    )
+  return {"steps": steps, "seeds": seeds, "label": label, "variants": curves}
+
+
+def progress_bar(total: int, disable: bool):
+  """One tqdm bar over ``total`` training steps, on stderr."""
+  from tqdm import tqdm
+
+  return tqdm(total=total, unit="step", file=sys.stderr, disable=disable, dynamic_ncols=True)
+
+
+def steps_of(config: ml_collections.ConfigDict) -> int:
+  """Training steps of one comparison (both variants, all seeds at once), for a progress bar."""
+  return len(VARIANTS) * config.num_steps
