@@ -154,19 +154,16 @@ def _read_linen(model, args, rngs, method, kwargs) -> list[Param]:
     ranks = {name: len(shape) for (col, name), shape in own.items() if col == "params"}
     layer = layers.read(module, ranks, strings)
     for col, name in own:
-      owners[(col, *scope, name)] = (scope, layer, own[col, name])
+      owners["/".join((col, *scope, name))] = (scope, layer, own[col, name])
   params = []
-  for keypath, x in _boxed_leaves(variables):
-    key = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-    shape, names, floating = _leaf(x)
-    if not floating:
+  for leaf in tree.flatten(variables)[0]:
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
       continue
-    scope, layer, one = owners.get(key, ((), None, None))
-    fan_in = layer.fan_in if layer is not None and key[-1] == layer.kernel else None
+    col, name = leaf.path.split("/")[0], leaf.path.rsplit("/", 1)[-1]
+    scope, layer, one = owners.get(leaf.path, ((), None, None))
+    fan_in = layer.fan_in if layer is not None and name == layer.kernel else None
     rank = None if one is None else len(one)
-    params.append(
-      Param(path_string(keypath), scope, key[0], shape, names, layer, rank, one, fan_in)
-    )
+    params.append(Param(leaf.path, scope, col, leaf.shape, leaf.names, layer, rank, one, fan_in))
   return params
 
 
@@ -232,12 +229,6 @@ def _read_equinox(model) -> list[Param]:
 
   walk(model, ())
   return params
-
-
-def _boxed_leaves(x):
-  boxes = tree.box_types()
-  is_box = (lambda v: isinstance(v, boxes)) if boxes else None
-  return jax.tree_util.tree_flatten_with_path(x, is_leaf=is_box)[0]
 
 
 def _framework(model) -> str | None:
