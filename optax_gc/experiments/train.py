@@ -218,19 +218,20 @@ def train_arm(
   config: ml_collections.ConfigDict,
   ds: data.Dataset,
   seeds: list[int],
-  functions,
+  initial: tuple,
   tx: optax.GradientTransformation,
   on_chunk: Callable[[int, float], None] = lambda steps, accuracy: None,
   interrupt: Callable[[], bool] = lambda: False,
 ) -> dict:
-  """Trains every seed with ``tx``; returns its curves (one list per seed) and divergences.
+  """Trains every seed with ``tx`` from ``initial`` (:func:`init_seeds`'s); returns the curves.
 
+  The curves have one list per seed, and each seed's divergence step.
   ``on_chunk(steps, mean test accuracy)`` is called after each block of
   ``eval_every`` steps; ``interrupt()`` is asked before each, and raises
   :class:`Interrupted` when it says so.
   """
-  train_graph, eval_graph, params, rest = init_seeds(config, ds, seeds)
-  train_chunk, evaluate = functions
+  train_graph, eval_graph, params, rest = initial
+  train_chunk, evaluate = make_functions(train_graph, eval_graph, tx)
   x, y, x_test, y_test = (jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
   idx = np.stack(
     [batch_indices(len(ds.y_train), config.batch_size, config.num_steps, s) for s in seeds]
@@ -274,12 +275,11 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset, bar=None, inter
   bounds = range(0, config.num_steps, config.eval_every)
   steps = [min(s + config.eval_every, config.num_steps) for s in bounds]
   rules = gc_rules(config, ds)
-  graphs = init_seeds(config, ds, seeds[:1])
+  initial = init_seeds(config, ds, seeds)  # both variants start from the same weights
   label = optimizer_label(config)
   curves = {}
   for variant in VARIANTS:
     tx = make_optimizer(config, variant == "gc", rules)
-    functions = make_functions(graphs[0], graphs[1], tx)
 
     def on_chunk(n, accuracy, variant=variant):
       if bar is not None:
@@ -288,7 +288,7 @@ def compare(config: ml_collections.ConfigDict, ds: data.Dataset, bar=None, inter
         bar.update(n)
 
     curves[variant] = train_arm(
-      config, ds, seeds, functions, tx, on_chunk, interrupt or (lambda: False)
+      config, ds, seeds, initial, tx, on_chunk, interrupt or (lambda: False)
     )
   return {"steps": steps, "seeds": seeds, "label": label, "variants": curves}
 
