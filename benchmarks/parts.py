@@ -169,6 +169,43 @@ def bench_compile(leaves: int, rounds: int, trace_only: bool = False) -> list[di
   ]
 
 
+def bench_derive(leaves: int, rounds: int) -> list[dict]:
+  """Part 5: seconds of ``optax_gc.rules_for`` against tracing the same model once.
+
+  ``rules_for`` of a linen model traces its ``init`` (``jax.eval_shape``) and its
+  forward pass (``jax.make_jaxpr`` of ``apply``), then walks the program. The
+  base is those two traces alone, of fresh functions (no cached trace), the two
+  alternating round by round after an untimed warm-up round.
+  """
+  import optax_gc
+
+  model, inputs = pytrees.many_leaves_model(leaves)
+
+  def trace() -> None:
+    variables = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *inputs)
+    jax.make_jaxpr(lambda v, *x: model.apply(v, *x))(variables, *inputs)
+
+  def derive() -> None:
+    optax_gc.rules_for(model, *inputs)
+
+  runs = {"trace": trace, "rules_for": derive}
+  times: dict[str, list[float]] = {name: [] for name in runs}
+  names = list(runs)
+  for r in range(rounds + 1):
+    for name in names[r % 2 :] + names[: r % 2]:
+      t0 = time.perf_counter()
+      runs[name]()
+      if r:
+        times[name].append(time.perf_counter() - t0)
+  labels = {
+    "trace": "trace init + forward (eval_shape, make_jaxpr)",
+    "rules_for": "optax_gc.rules_for (both traces + the walk)",
+  }
+  rows = timing.summarize(times, {"trace": "trace", "rules_for": "trace"})
+  n_leaves = pytrees.count(pytrees.many_leaves_shapes(leaves))[0]
+  return [{**row, "label": labels[row["variant"]], "leaves": n_leaves} for row in rows]
+
+
 def _train_models(batch: int, width: int, d_model: int, seq_len: int, depth: int) -> dict:
   """A small CNN and a small Transformer (flax linen), each with its params, batch and loss."""
   import flax.linen as nn

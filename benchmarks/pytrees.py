@@ -143,15 +143,12 @@ def many_leaves_shapes(leaves: int = 2000) -> dict:
   return {"params": {f"block{i}": block for i in range(max(1, leaves // 5))}}
 
 
-def many_leaves_rules(leaves: int = 2000) -> Any:
-  """``optax_gc.rules_for`` of a linen model whose parameters are ``many_leaves_shapes``'s.
+def many_leaves_model(leaves: int = 2000) -> tuple[Any, tuple]:
+  """A linen model whose parameters are ``many_leaves_shapes``'s, and its example inputs.
 
-  The rules are derived from an abstract trace of the model's ``init``, so a
-  10,000-leaf model costs no parameter memory. Needs flax.
+  Needs flax.
   """
   import flax.linen as nn
-
-  import optax_gc
 
   class Block(nn.Module):
     @nn.compact
@@ -166,8 +163,19 @@ def many_leaves_rules(leaves: int = 2000) -> Any:
         x, y = Block(name=f"block{i}")(x, y)
       return x, y
 
-  inputs = (sds(1, 4, 4, 16), sds(1, 64))
-  return optax_gc.rules_for(Model(), *inputs)
+  return Model(), (sds(2, 4, 4, 16), sds(2, 64))
+
+
+def many_leaves_rules(leaves: int = 2000) -> Any:
+  """``optax_gc.rules_for`` of ``many_leaves_model``: the rules for ``many_leaves_shapes``.
+
+  The rules are derived from an abstract trace of the model, so a 10,000-leaf
+  model costs no parameter memory. Needs flax.
+  """
+  import optax_gc
+
+  model, inputs = many_leaves_model(leaves)
+  return optax_gc.rules_for(model, *inputs)
 
 
 def kernel_shape(name: str) -> tuple[int, ...] | None:

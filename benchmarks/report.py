@@ -124,6 +124,10 @@ def main_ratios(results: dict) -> list[list[str]]:
       what = f"{'trace+compile' if phase == 'total' else 'trace'} {rows[0]['leaves']} leaves"
       gc_rows(what, rows)
       gc_rows(what, rows, "centralize_rules_for", "GC(rules_for)+adamw")
+  derive = {r["variant"]: r for r in results.get("derive", [])}
+  if "rules_for" in derive:
+    what = f"rules_for, {derive['rules_for']['leaves']} leaves: / tracing init + forward once"
+    out.append([what, _spread(derive["rules_for"])])
   for tree, rows in results.get("memory", {}).items():
     ours = [r for r in rows if r["variant"] not in (r["base"], "optax_centralize", "plain")]
     if ours:
@@ -171,6 +175,13 @@ def report(results: dict[str, Any]) -> str:
     out.append(
       f"### {phase.capitalize()} seconds: {rows[0]['leaves']} leaves\n\n"
       + _time_table([r for r in rows if r["phase"] == phase], unit="s")
+      + "\n"
+    )
+  rows = results.get("derive", [])
+  if rows:
+    out.append(
+      f"### Deriving the rules, seconds: {rows[0]['leaves']} leaves\n\n"
+      + _time_table(rows, unit="s")
       + "\n"
     )
   for tree, mem in results.get("memory", {}).items():

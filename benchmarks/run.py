@@ -11,6 +11,8 @@ other processes hits every variant alike:
   compile  trace and compile time of the update of a many-leaf pytree, GC's
            axes from the preset or from optax_gc.rules_for(model)
   memory   optimizer-state bytes and XLA's temporary bytes for the update
+  derive   seconds of optax_gc.rules_for(model) against tracing that model's
+           init and forward pass once, on the compile part's many-leaf model
 
 A ratio is the median over rounds of a variant's time divided by its base's
 (adamw or adam) in the same round, with the quartiles of those ratios.
@@ -33,7 +35,7 @@ import pytrees
 import report as report_lib
 import variants as variants_lib
 
-PARTS = ("update", "train", "compile", "memory")
+PARTS = ("update", "train", "compile", "memory", "derive")
 # Sizes that --tiny replaces, with the full sizes they default to otherwise.
 FULL = {
   "scale": 1.0,
@@ -169,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   Example:
     >>> args = parse_args(["--tiny", "--leaves", "50"])
     >>> args.leaves, args.layers, args.parts, args.resnet_blocks
-    (50, 2, ['update', 'train', 'compile', 'memory'], (1, 0, 0, 1))
+    (50, 2, ['update', 'train', 'compile', 'memory', 'derive'], (1, 0, 0, 1))
   """
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
@@ -209,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error(f"--leaves {args.leaves}: give a multiple of 5 (each block has 5 leaves)")
   if args.depth > 3:
     parser.error(f"--depth {args.depth}: give 1, 2 or 3 (the CNN has at most 4 stages)")
-  needs_flax = [p for p in args.parts if p in ("train", "compile")]
+  needs_flax = [p for p in args.parts if p in ("train", "compile", "derive")]
   if needs_flax and importlib.util.find_spec("flax") is None:
     parser.error(
       f"the {' and '.join(needs_flax)} part(s) need flax: pip install 'optax_gc[flax]', "
@@ -280,6 +282,9 @@ def run(args: argparse.Namespace, log: Callable[..., None] = print) -> dict:
       for tree, (shapes, rules) in trees.items()
     }
     log("memory done", flush=True)
+  if "derive" in args.parts:
+    results["derive"] = parts_lib.bench_derive(args.leaves, args.compile_rounds)
+    log("derive done", flush=True)
   return results
 
 

@@ -363,8 +363,8 @@ def check_nnx(mesh, workdir):
 
   with jax.set_mesh(mesh):
     model = _MLP(nnx.Rngs(0))
-    # rules_for reads the model of global arrays: its layers, shapes and metadata only.
-    rules = optax_gc.rules_for(model)
+    # rules_for traces the model of global arrays on an abstract global batch.
+    rules = optax_gc.rules_for(model, jax.ShapeDtypeStruct((BATCH, 8), np.float32))
     tx = optax.chain(optax_gc.centralize(rules, strict=True), optax.sgd(LR_NNX, momentum=MOMENTUM))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     plan = optax_gc.explain(nnx.state(model, nnx.Param), rules)
@@ -388,7 +388,8 @@ def check_nnx(mesh, workdir):
     axes = None if path.endswith("bias") else (0,)
     if (plan[path].shape, plan[path].axes) != (leaf.shape, axes):
       failures.append(f"explain: {path} {plan[path].shape} {plan[path].axes}, not {axes}")
-    if plan[path].decided_by != "nnx.Linear":
+    how = "dot_general" if axes else "no contraction: add"
+    if plan[path].decided_by != how:
       failures.append(f"explain: {path} decided by {plan[path].decided_by!r}, not rules_for")
     failures += _sharding_errors(f"param {path}", leaf, NamedSharding(mesh, spec))
 

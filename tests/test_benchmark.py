@@ -136,6 +136,15 @@ def test_compile_rows(results):
   _check_ratios(rows)
 
 
+def test_derive_rows(results):
+  written, printed, _ = results
+  rows = {r["variant"]: r for r in written["derive"]}
+  assert set(rows) == {"trace", "rules_for"} and rows["rules_for"]["base"] == "trace"
+  assert all(r["leaves"] == 10 for r in rows.values())
+  assert _finite_positive(rows["rules_for"]["vs_base"]) and rows["trace"]["vs_base"] is None
+  assert "### Deriving the rules, seconds: 10 leaves" in printed
+
+
 def test_trace_only_times_the_trace_alone():
   args = run.parse_args(["--tiny", "--parts", "compile", "--leaves", "5", "--trace-only"])
   rows = run.run(args, log=lambda *a, **k: None)["compile"]

@@ -209,6 +209,9 @@ class NnxModel(nnx.Module):
     self.embed = nnx.Embed(10, 6, rngs=rngs)
     self.lin = nnx.Linear(1, 4, rngs=rngs)
 
+  def __call__(self, tokens, x):
+    return self.embed(tokens).sum() + self.lin(x).sum()
+
 
 class LinenModel(nn.Module):
   @nn.compact
@@ -218,7 +221,8 @@ class LinenModel(nn.Module):
 
 def nnx_case():
   model = NnxModel(nnx.Rngs(0))
-  return nnx.state(model, nnx.Param), optax_gc.rules_for(model), "embed/embedding", "lin/kernel"
+  rules = optax_gc.rules_for(model, jnp.zeros((2,), jnp.int32), jnp.ones((2, 1)))
+  return nnx.state(model, nnx.Param), rules, "embed/embedding", "lin/kernel"
 
 
 def linen_case():

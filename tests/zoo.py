@@ -5,7 +5,13 @@ definition in Flax or Equinox (cited where the layout is not the plain
 ``(in, out)``), never from optax_gc. ``expected`` maps each leaf's path, as
 ``helpers.flat`` spells it relative to the params tree, to the axes of that
 leaf's fan-in (the kernel axes contracted with the layer's input for one output
-unit), or None where Gradient Centralization must leave the leaf alone.
+unit), or None where Gradient Centralization must leave the leaf alone, or
+UNDECIDED where it must leave it alone AND say that the computation does not
+decide it (``centralize(strict=True)`` lists those leaves).
+
+The truth is what the forward pass computes: every weight a neuron uses reaches
+it through a contraction with that neuron's input, and the contracted axes are
+the fan-in, whatever the layer's class, the leaf's name or its stored layout.
 
 Nothing here imports optax_gc except :func:`summary`; ``python tests/zoo.py``
 prints how the presets and ``rules_for`` do on the zoo.
@@ -33,18 +39,23 @@ KEY = jax.random.key(0)
 class Case:
   """One model of the zoo.
 
-  ``build`` returns ``(model, args, kwargs)``: what ``rules_for`` is given after
-  the model (linen: example inputs and init kwargs; nnx, Equinox: nothing).
-  ``rngs`` builds linen's init rngs where a plain params key is not enough.
+  ``build`` returns ``(model, args, kwargs)``: the forward pass's inputs, which
+  ``rules_for`` is given after the model (linen: the inputs of init and apply;
+  nnx: of the module's call; Equinox: of ``model(*args)``; Haiku: ``model`` is
+  the transformed pair and ``args`` the inputs of ``apply`` after params and rng).
+  ``rngs`` builds linen's rngs where a plain params key is not enough.
   """
 
   name: str
   framework: str  # "linen" | "nnx" | "equinox" | "haiku"
   build: Callable[[], tuple[Any, tuple, dict]]
-  expected: dict[str, tuple[int, ...] | None]
+  expected: dict[str, Any]  # path -> fan-in axes, None or UNDECIDED
   preset: str = "flax"
   rngs: Callable[[], Any] | None = None
   numeric: bool = False  # also checked by applying centralize to random gradients
+  # Leaves whose layout the params tree cannot show (a square kernel stored the
+  # other way round, with a bias as long as either axis): no preset can see them.
+  preset_blind: frozenset[str] = frozenset()
 
   @functools.cached_property
   def built(self):
@@ -90,10 +101,46 @@ class Case:
     others = {p: None for p in flat(self.variables) if not p.startswith("params/")}
     return {f"params/{p}": axes for p, axes in self.expected.items()} | others
 
+  def undecided(self):
+    """The paths the table marks UNDECIDED."""
+    return {path for path, axes in self.expected.items() if axes is UNDECIDED}
+
+  def forward(self):
+    """The output's shapes: the model runs on ``args`` (nothing is computed)."""
+    model, args, kwargs = self.built
+    if self.framework == "linen":
+      rngs = self.rngs() if self.rngs is not None else None
+
+      def apply(variables):
+        return model.apply(variables, *args, rngs=rngs, mutable=True, **kwargs)[0]
+
+      return jax.eval_shape(apply, self.variables)
+    if self.framework == "haiku":
+      return jax.eval_shape(lambda p: model.apply(p, None, *args, **kwargs), self.variables)
+    if self.framework == "nnx":
+      graphdef, state = nnx.split(model)
+      return jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
+    return eqx.filter_eval_shape(lambda m: m(*args, **kwargs), model)
+
+
+class _Undecided:
+  """The table's mark for a leaf that the computation does not decide."""
+
+  def __repr__(self):
+    return "UNDECIDED"
+
+
+# Left unchanged AND reported: its contractions disagree, it is reached only
+# through an opaque op, the forward never reads it, or it is contracted only
+# against constants or other parameters. None is a decision (a bias, a table);
+# UNDECIDED says there is none to make.
+UNDECIDED = _Undecided()
+
 
 def normalise(axes, shape):
-  """A fan-in of one element becomes None: GC would zero the gradient, so it is skipped."""
-  if axes is None or math.prod(shape[a] for a in axes) == 1:
+  """The axes GC uses: None for None and UNDECIDED, and for a fan-in of one element
+  (GC would zero the gradient, so it is skipped)."""
+  if axes is None or axes is UNDECIDED or math.prod(shape[a] for a in axes) == 1:
     return None
   return tuple(axes)
 
@@ -743,7 +790,7 @@ class BareParamNet(nn.Module):
 
 
 BARE_PARAM = {
-  "proj/W": None,  # (5, 7): no known layer defines it, so it is left alone
+  "proj/W": (0,),  # (5, 7): no library layer, but x @ W contracts the input with axis 0
   "proj/b": None,
   "head/kernel": (0,),
   "head/bias": None,
@@ -1352,8 +1399,8 @@ EQX_ENSEMBLE_NO_BIAS = {"members/weight": (2,), "head/weight": (1,)}
 # ----------------------------------------------------------------- Haiku ---
 
 
-def _haiku_mlp():
-  return hk.transform(lambda x: hk.nets.MLP([7, 5])(x))
+def _haiku_mlp(x):
+  return hk.nets.MLP([7, 5])(x)
 
 
 HAIKU_MLP = {
@@ -1364,27 +1411,950 @@ HAIKU_MLP = {
 }
 
 
+# ------------------------------------------- failure classes: custom layers ---
+# Models of our own with the structure of real third-party ones. Each table
+# entry names the contraction that defines it; none comes from a layer class.
+
+
+class TorchLinear(nn.Module):
+  """A layer ported from PyTorch: it holds ``features`` but stores its kernel (out, in)."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.features, x.shape[-1]))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return x @ kernel.T + bias
+
+
+class MuDense(nn.Dense):
+  """muP's readout: a subclass of nn.Dense whose output is scaled by a fixed multiplier."""
+
+  multiplier: float = 0.5
+
+  def __call__(self, x):
+    return super().__call__(x) * self.multiplier
+
+
+class TorchPortMlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(TorchLinear(6, name="fc1")(x))
+    h = nn.gelu(TorchLinear(6, name="fc2")(h))
+    return MuDense(4, name="readout")(h)
+
+
+TORCH_PORT = {
+  "fc1/kernel": (1,),  # (6 out, 5 in): x @ kernel.T contracts x with axis 1
+  "fc1/bias": None,
+  "fc2/kernel": (1,),  # (6, 6): square, only the call's transpose tells
+  "fc2/bias": None,
+  "readout/kernel": (0,),  # (6, 4): nn.Dense's x @ kernel, then a scale
+  "readout/bias": None,
+}
+
+
+class JitMlp(nn.Module):
+  """The whole forward pass is an nn.jit: the jaxpr holds it as one sub-program."""
+
+  @nn.jit
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(6, name="fc")(x))
+    h = nn.DenseGeneral((2, 3), name="split")(h)
+    return nn.DenseGeneral(4, axis=(-2, -1), name="merge")(nn.relu(h))
+
+
+JIT_MLP = {
+  "fc/kernel": (0,),  # (5, 6): x @ kernel
+  "fc/bias": None,
+  "split/kernel": (0,),  # (6, 2, 3): contracts the 6 inputs, (2, 3) are outputs
+  "split/bias": None,  # (2, 3)
+  "merge/kernel": (0, 1),  # (2, 3, 4): axis=(-2, -1) contracts both
+  "merge/bias": None,
+}
+
+
+class RematBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(8, name="up")(nn.LayerNorm(name="norm")(x)))
+    return x + nn.Dense(x.shape[-1], name="down")(h)
+
+
+class RematNet(nn.Module):
+  """Blocks wrapped in nn.remat, as memory-bound training code does."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = nn.remat(RematBlock)(name=f"block_{i}")(x)
+    return nn.Dense(3, name="head")(x)
+
+
+def _remat_block(p):
+  return {
+    f"{p}/norm/scale": None,
+    f"{p}/norm/bias": None,
+    f"{p}/up/kernel": (0,),  # (5, 8), inside the remat sub-program
+    f"{p}/up/bias": None,
+    f"{p}/down/kernel": (0,),  # (8, 5)
+    f"{p}/down/bias": None,
+  }
+
+
+REMAT = {
+  **_remat_block("block_0"),
+  **_remat_block("block_1"),
+  "head/kernel": (0,),  # (5, 3)
+  "head/bias": None,
+}
+
+
+def _letters(eqn):
+  """The equation with each digit spelled as a capital letter it does not use.
+
+  Gemma-style code writes a fixed-size axis as a digit ("BSD,2KDH->2BSKH");
+  jnp.einsum takes letters only, so a layer that keeps such an equation must
+  substitute before calling it.
+  """
+  free = iter(c for c in "ZYXWVUQPO" if c not in eqn)
+  for digit in sorted({c for c in eqn if c.isdigit()}):
+    eqn = eqn.replace(digit, next(free))
+  return eqn
+
+
+class EqnEinsum(nn.Module):
+  """An einsum layer that holds its equation under ``eqn`` and may name its param."""
+
+  eqn: str
+  shape: tuple[int, ...]
+  param_name: str = "w"
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param(self.param_name, nn.initializers.normal(0.1), self.shape)
+    return jnp.einsum(_letters(self.eqn), x, w)
+
+
+class SharedScopeFfw(nn.Module):
+  """Gate and up einsums whose params live in this module's scope (nn.share_scope)."""
+
+  dim: int
+  hidden: int
+
+  def setup(self):
+    d, f = self.dim, self.hidden
+    self.gate_proj = EqnEinsum("BTD,DF->BTF", (d, f), "gate")
+    self.up_proj = EqnEinsum("BTD,DF->BTF", (d, f), "up")
+    nn.share_scope(self, self.gate_proj)
+    nn.share_scope(self, self.up_proj)
+    self.down = EqnEinsum("BTF,FD->BTD", (f, d))
+
+  def __call__(self, x):
+    return self.down(nn.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EinsumVariants(nn.Module):
+  def setup(self):
+    d, n, k, h = 6, 4, 2, 3
+    self.q = EqnEinsum("BTD,NDH->BTNH", (n, d, h))
+    self.kv = EqnEinsum("BSD,2KDH->2BSKH", (2, k, d, h))
+    self.out = EqnEinsum("BTNH,NHD->BTD", (n, h, d))
+    self.ffw = SharedScopeFfw(d, 8)
+    # Called with the equation: once on (B, T, D), once on a time-major (S, B, D).
+    self.proj = LinenEinsum((d, 5))
+
+  def __call__(self, x, memory):
+    k, v = self.kv(x)
+    x = x + self.out(_gqa(self.q(x), k, v))
+    x = x + self.ffw(x)
+    ctx = self.proj("BTD,DF->BTF", x)
+    mem = self.proj("SBD,DF->BSF", memory)
+    return jnp.einsum("btf,bsf->bts", ctx, mem)
+
+
+EINSUM_VARIANTS = {
+  "q/w": (1,),  # "BTD,NDH->BTNH" (4, 6, 3): D is axis 1
+  "kv/w": (2,),  # "BSD,2KDH->2BSKH" (2, 2, 6, 3): D is axis 2; "2" and K are outputs
+  "out/w": (0, 1),  # "BTNH,NHD->BTD" (4, 3, 6): N and H contracted
+  "ffw/gate": (0,),  # "BTD,DF->BTF" (6, 8), shared scope
+  "ffw/up": (0,),  # (6, 8), shared scope
+  "ffw/down/w": (0,),  # "BTF,FD->BTD" (8, 6)
+  "proj/w": (0,),  # (6, 5): "BTD,DF" and "SBD,DF" both contract D
+}
+
+
+class NnxRaggedMoe(nnx.Module):
+  """Top-k routed experts applied with jax.lax.ragged_dot on tokens sorted by expert."""
+
+  def __init__(self, dim, hidden, experts, top_k, *, rngs):
+    init = nnx.initializers.normal(0.1)
+    self.top_k = top_k
+    self.norm = NnxRMSNorm(dim)
+    self.router = nnx.Param(init(rngs.params(), (dim, experts)))
+    self.wi_gate = nnx.Param(init(rngs.params(), (experts, dim, hidden)))
+    self.wi_up = nnx.Param(init(rngs.params(), (experts, dim, hidden)))
+    self.wo = nnx.Param(init(rngs.params(), (experts, hidden, dim)))
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    tokens = self.norm(x).reshape(b * t, d)
+    logits, chosen = jax.lax.top_k(tokens @ self.router[...], self.top_k)
+    weights = jax.nn.softmax(logits)
+    flat_chosen = chosen.reshape(-1)
+    order = jnp.argsort(flat_chosen)
+    sorted_tokens = jnp.repeat(tokens, self.top_k, axis=0)[order]
+    sizes = jnp.bincount(flat_chosen, length=self.router.shape[1])
+    gate = jax.lax.ragged_dot(sorted_tokens, self.wi_gate[...], sizes)
+    up = jax.lax.ragged_dot(sorted_tokens, self.wi_up[...], sizes)
+    out = jax.lax.ragged_dot(nnx.silu(gate) * up, self.wo[...], sizes)[jnp.argsort(order)]
+    out = (out.reshape(b * t, self.top_k, d) * weights[..., None]).sum(1)
+    return x + out.reshape(b, t, d)
+
+
+MOE_RAGGED = {
+  "norm/scale": None,
+  "router": (0,),  # (6, 4): tokens @ router
+  # ragged_dot(lhs (m, 6), rhs (experts, 6, f)): the group axis is kept, 6 contracted
+  "wi_gate": (1,),  # (4, 6, 8)
+  "wi_up": (1,),  # (4, 6, 8), the same ragged_dot
+  "wo": (1,),  # (4, 8, 6)
+}
+
+
+class EinsumMoe(nn.Module):
+  """Switch-style top-1 experts with capacity: dispatch, per-expert einsums, combine."""
+
+  experts: int = 3
+  capacity: int = 4
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    d, e, c = x.shape[-1], self.experts, self.capacity
+    h = nn.LayerNorm(name="norm")(x)
+    probs = jax.nn.softmax(nn.Dense(e, use_bias=False, name="router")(h))
+    mask = jax.nn.one_hot(jnp.argmax(probs, -1), e)  # (G, S, E)
+    slot = (jnp.cumsum(mask, axis=1) * mask - 1).astype(jnp.int32)  # -1: not routed here
+    dispatch = mask[..., None] * jax.nn.one_hot(slot, c)  # (G, S, E, C)
+    combine = dispatch * probs.max(-1)[..., None, None]
+    init = nn.initializers.normal(0.1)
+    wi = self.param("wi", init, (e, d, self.hidden))
+    wo = self.param("wo", init, (e, self.hidden, d))
+    expert_in = jnp.einsum("gsec,gsd->egcd", dispatch, h)
+    mid = nn.relu(jnp.einsum("egcd,edf->egcf", expert_in, wi))
+    out = jnp.einsum("egcf,efd->egcd", mid, wo)
+    return x + jnp.einsum("gsec,egcd->gsd", combine, out)
+
+
+MOE_EINSUM = {
+  "norm/scale": None,
+  "norm/bias": None,
+  "router/kernel": (0,),  # (6, 3)
+  "wi": (1,),  # (3, 6, 8): "egcd,edf->egcf", e a batch axis, d contracted
+  "wo": (1,),  # (3, 8, 6): "egcf,efd->egcd", f contracted
+}
+
+
+class FlatAttentionBlock(nn.Module):
+  """Attention kernels stored flat, (d, heads*head_dim) and (heads*head_dim, d),
+  reshaped to (d, heads, head_dim) / (heads, head_dim, d) when called."""
+
+  heads: int = 2
+  head_dim: int = 3
+
+  @nn.compact
+  def __call__(self, x, _):
+    d, n, h = x.shape[-1], self.heads, self.head_dim
+    init = nn.initializers.normal(0.1)
+    wq, wk, wv = (self.param(name, init, (d, n * h)).reshape(d, n, h) for name in "qkv")
+    wo = self.param("out", init, (n * h, d)).reshape(n, h, d)
+    y = nn.LayerNorm(name="norm")(x)
+    q, k, v = (jnp.einsum("btd,dnh->btnh", y, w) for w in (wq, wk, wv))
+    x = x + jnp.einsum("btnh,nhd->btd", _gqa(q, k, v), wo)
+    return x + nn.Dense(d, name="fc2")(nn.gelu(nn.Dense(8, name="fc1")(x))), None
+
+
+class FlatAttentionStack(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 6, name="embed")(tokens)
+    stack = nn.scan(
+      FlatAttentionBlock, variable_axes={"params": 1}, split_rngs={"params": True}, length=3
+    )
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(11, name="head")(x)
+
+
+FLAT_ATTENTION = {
+  "embed/embedding": None,  # (11, 6): rows looked up by token
+  # nn.scan at axis 1 puts the 3 layers second on every leaf of "layers".
+  "layers/q": (0,),  # (6, 3 layers, 6): d contracted, heads*head_dim split into outputs
+  "layers/k": (0,),  # as q
+  "layers/v": (0,),
+  "layers/out": (0,),  # (6, 3, 6): heads*head_dim, both contracted after the reshape
+  "layers/norm/scale": None,  # (6, 3)
+  "layers/norm/bias": None,
+  "layers/fc1/kernel": (0,),  # (6, 3, 8)
+  "layers/fc1/bias": None,  # (8, 3)
+  "layers/fc2/kernel": (0,),  # (8, 3, 6)
+  "layers/fc2/bias": None,
+  "head/kernel": (0,),  # (6, 11)
+  "head/bias": None,
+}
+
+
+class PackedLstmCell(nn.Module):
+  """An LSTM cell with the four gates packed along the output axis, (in, 4h) and (h, 4h)."""
+
+  hidden: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    c, h = carry
+    init = nn.initializers.lecun_normal()
+    w_x = self.param("w_x", init, (x.shape[-1], 4 * self.hidden))
+    w_h = self.param("w_h", init, (self.hidden, 4 * self.hidden))
+    b = self.param("b", nn.initializers.zeros, (4 * self.hidden,))
+    i, f, g, o = jnp.split(x @ w_x + h @ w_h + b, 4, axis=-1)
+    c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
+    h = nn.sigmoid(o) * jnp.tanh(c)
+    return (c, h), h
+
+
+class PackedLstm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.scan(
+      PackedLstmCell,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=1,
+      out_axes=1,
+    )
+    zeros = jnp.zeros((x.shape[0], 2))
+    _, hs = cell(2, name="cell")((zeros, zeros), x)
+    return nn.Dense(3, name="head")(hs[:, -1])
+
+
+LSTM = {
+  "cell/w_x": (0,),  # (3, 8): x @ w_x, over time inside the scan (params broadcast)
+  "cell/w_h": (0,),  # (2, 8): h @ w_h
+  "cell/b": None,
+  "head/kernel": (0,),
+  "head/bias": None,
+}
+
+
+class BlockDiagonalLinear(nn.Module):
+  """One (block, block) matrix per head: "...hi,hij->...hj"."""
+
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    block = self.width // self.heads
+    w = self.param("w", nn.initializers.normal(0.1), (self.heads, block, block))
+    b = self.param("b", nn.initializers.zeros, (self.heads, block))
+    x = x.reshape(*x.shape[:-1], self.heads, block)
+    y = jnp.einsum("...hi,hij->...hj", x, w) + b
+    return y.reshape(*y.shape[:-2], self.width)
+
+
+class TemporalConv(nn.Module):
+  """A causal depthwise conv over time written as a sum of shifted inputs times w[shift]."""
+
+  width: int
+  taps: int
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(0.1), (self.taps, self.width))
+    b = self.param("b", nn.initializers.zeros, (self.width,))
+    t = x.shape[1]
+    out = b
+    for shift in range(self.taps):
+      shifted = jnp.pad(x, ((0, 0), (shift, 0), (0, 0)))[:, :t]
+      out = out + shifted * w[self.taps - shift - 1]
+    return out
+
+
+class RgLru(nn.Module):
+  """Real-gated linear recurrence: block-diagonal gates, a per-channel decay."""
+
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    gate_x = nn.sigmoid(BlockDiagonalLinear(self.width, self.heads, name="input_gate")(x))
+    gate_a = nn.sigmoid(BlockDiagonalLinear(self.width, self.heads, name="a_gate")(x))
+    a_param = self.param("a_param", nn.initializers.ones, (self.width,))
+    log_a = -8.0 * gate_a * nn.softplus(a_param)
+    drive = gate_x * x * jnp.sqrt(1 - jnp.exp(2 * log_a))
+
+    def step(h, inputs):
+      decay, u = inputs
+      h = decay * h + u
+      return h, h
+
+    seq = (jnp.exp(log_a).swapaxes(0, 1), drive.swapaxes(0, 1))
+    _, y = jax.lax.scan(step, jnp.zeros((x.shape[0], self.width)), seq)
+    return y.swapaxes(0, 1)
+
+
+class GriffinBlock(nn.Module):
+  width: int = 6
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    h = LinenRMSNorm(name="temporal_pre_norm")(x)
+    y = nn.gelu(nn.Dense(self.width, name="linear_y")(h))
+    u = nn.Dense(self.width, name="linear_x")(h)
+    u = TemporalConv(self.width, 3, name="conv_1d")(u)
+    u = RgLru(self.width, self.heads, name="rg_lru")(u)
+    return x + nn.Dense(x.shape[-1], name="linear_out")(u * y)
+
+
+GRIFFIN = {
+  "temporal_pre_norm/scale": None,
+  "linear_y/kernel": (0,),  # (4, 6)
+  "linear_y/bias": None,
+  "linear_x/kernel": (0,),
+  "linear_x/bias": None,
+  # out[t, c] = sum_s x[t - s, c] * w[taps - 1 - s, c]: a contraction over the
+  # taps written by hand; channel c is kept (depthwise).
+  "conv_1d/w": (0,),  # (3 taps, 6)
+  "conv_1d/b": None,
+  "rg_lru/input_gate/w": (1,),  # (2 heads, 3, 3): "...hi,hij->...hj", h kept, i contracted
+  "rg_lru/input_gate/b": None,  # (2, 3)
+  "rg_lru/a_gate/w": (1,),  # as input_gate
+  "rg_lru/a_gate/b": None,
+  "rg_lru/a_param": None,  # (6,): a decay, elementwise with the gate
+  "linear_out/kernel": (0,),  # (6, 4)
+  "linear_out/bias": None,
+}
+
+
+class StdConv(nn.Module):
+  """Weight standardisation: the kernel is standardised over its fan-in before the conv."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (3, 3, x.shape[-1], self.features)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+    fan_in = (0, 1, 2)
+    mean = kernel.mean(fan_in, keepdims=True)
+    kernel = (kernel - mean) * jax.lax.rsqrt(kernel.var(fan_in, keepdims=True) + 1e-5)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class WeightNormConv(nn.Module):
+  """Weight norm: kernel g * v / ||v||, the norm taken over each output unit's fan-in."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    v = self.param("v", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+    g = self.param("g", nn.initializers.ones, (self.features,))
+    b = self.param("bias", nn.initializers.zeros, (self.features,))
+    kernel = g * v * jax.lax.rsqrt(jnp.sum(v**2, axis=(0, 1, 2), keepdims=True))
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC) + b
+
+
+class WeightNormDense(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    g = self.param("g", nn.initializers.ones, (self.features,))
+    return x @ (g * v / jnp.linalg.norm(v, axis=0, keepdims=True))
+
+
+class WeightReparamNet(nn.Module):
+  @nn.compact
+  def __call__(self, img):
+    x = nn.relu(nn.GroupNorm(num_groups=2, name="gn")(StdConv(4, name="std_conv")(img)))
+    x = nn.relu(WeightNormConv(6, name="wn_conv")(x))
+    return WeightNormDense(3, name="wn_head")(x.mean((1, 2)))
+
+
+WEIGHT_REPARAM = {
+  "std_conv/kernel": (0, 1, 2),  # (3, 3, 2, 4): standardised, then the HWIO conv
+  "gn/scale": None,
+  "gn/bias": None,
+  "wn_conv/v": (0, 1, 2),  # (3, 3, 4, 6): g * v / ||v|| is the conv's kernel
+  "wn_conv/g": None,  # (6,): one scale per output unit, on an axis no conv sums
+  "wn_conv/bias": None,
+  "wn_head/v": (0,),  # (6, 3): x @ (g * v / ||v||)
+  "wn_head/g": None,
+}
+
+
+class SpectralDense(nn.Module):
+  """Spectral normalisation: one power-iteration step on the stopped kernel, then
+  x @ (kernel / sigma); the estimate u is state, not a parameter."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    u = self.variable(
+      "spectral", "u", lambda: jax.random.normal(self.make_rng("params"), (1, self.features))
+    )
+    w = jax.lax.stop_gradient(kernel)
+    v = _unit(u.value @ w.T)
+    u_new = _unit(v @ w)
+    sigma = (v @ w @ u_new.T)[0, 0]
+    return x @ (kernel / sigma) + bias
+
+
+def _unit(x):
+  return x * jax.lax.rsqrt(jnp.sum(x**2) + 1e-12)
+
+
+class SpectralNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return SpectralDense(3, name="out")(nn.relu(SpectralDense(6, name="hidden")(x)))
+
+
+SPECTRAL = {
+  "hidden/kernel": (0,),  # (5, 6): x @ (kernel / sigma); the power iteration is stopped
+  "hidden/bias": None,
+  "out/kernel": (0,),  # (6, 3)
+  "out/bias": None,
+}
+
+
+class ConvVariants(nn.Module):
+  @nn.compact
+  def __call__(self, img, seq, views):
+    up = nn.ConvTranspose(4, (3, 3), strides=(2, 2), name="up")(img)
+    up_t = nn.ConvTranspose(4, (2, 2), strides=(2, 2), transpose_kernel=True, name="up_t")(up)
+    grouped = nn.Conv(6, (3, 3), feature_group_count=2, name="grouped")(img)
+    depthwise = nn.Conv(4, (3, 3), feature_group_count=4, name="depthwise")(img)
+    conv1d = nn.Conv(5, (3,), name="conv1d")(seq)
+    per_view = nn.vmap(
+      nn.Conv,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=0,
+      out_axes=0,
+    )(4, (2, 2), name="per_view")(views)
+    outs = (up_t, grouped, depthwise, conv1d, per_view)
+    return sum(o.mean() for o in outs)
+
+
+CONV_VARIANTS = {
+  "up/kernel": (0, 1, 2),  # ConvTranspose (3, 3, 4 in, 4 out)
+  "up/bias": None,
+  # transpose_kernel=True: (2, 2, 4 features, 4 in), the kernel of the conv it
+  # transposes; each output unit is an index of axis 2, fed by axes 0, 1, 3.
+  "up_t/kernel": (0, 1, 3),
+  "up_t/bias": None,
+  "grouped/kernel": (0, 1, 2),  # (3, 3, 4 / 2 groups, 6)
+  "grouped/bias": None,
+  "depthwise/kernel": (0, 1, 2),  # (3, 3, 1, 4): 9 taps per channel
+  "depthwise/bias": None,
+  "conv1d/kernel": (0, 1),  # (3, 3, 5)
+  "conv1d/bias": None,
+  "per_view/kernel": (1, 2, 3),  # nn.vmap: (2 views, 2, 2, 3, 4), one conv per view
+  "per_view/bias": None,  # (2, 4)
+}
+
+
+class Undecidable(nn.Module):
+  """Parameters whose fan-in the forward pass does not decide, beside one it does."""
+
+  @nn.compact
+  def __call__(self, x):
+    t, d = x.shape[1], x.shape[2]
+    init = nn.initializers.normal(0.1)
+    # A position table written in a fixed cosine basis: contracted with a constant only.
+    basis = np.cos(np.pi * np.outer(np.arange(t) + 0.5, np.arange(4)) / t).astype(np.float32)
+    x = x + jnp.asarray(basis) @ self.param("pos_coeffs", init, (4, d))
+    # A low-rank weight W = A @ B: each factor is contracted with the other.
+    a = self.param("lowrank_a", init, (d, 2))
+    b = self.param("lowrank_b", init, (2, d))
+    x = x + x @ (a @ b)
+    # A tied autoencoder: encode with x @ W, decode with h @ W.T.
+    w = self.param("tied", init, (d, 4))
+    x = x + nn.relu(x @ w) @ w.T
+    # A kernel that only a foreign (host) function reads.
+    opaque = self.param("opaque", init, (d, d))
+    x = jax.pure_callback(_np_matmul, jax.ShapeDtypeStruct(x.shape, x.dtype), x, opaque)
+    self.param("unused", init, (d, 3))  # created, never read by the forward
+    return nn.Dense(3, name="head")(x)
+
+
+def _np_matmul(x, w):
+  return np.asarray(x) @ np.asarray(w)
+
+
+UNDECIDABLE = {
+  "pos_coeffs": UNDECIDED,  # (4, 6): basis @ coeffs, a constant on the other side
+  "lowrank_a": UNDECIDED,  # (6, 2): A @ B, then x @ (A @ B)
+  "lowrank_b": UNDECIDED,  # (2, 6)
+  "tied": UNDECIDED,  # (6, 4): x @ W contracts axis 0, h @ W.T axis 1
+  "opaque": UNDECIDED,  # (6, 6): only jax.pure_callback reads it
+  "unused": UNDECIDED,  # (6, 3)
+  "head/kernel": (0,),  # (6, 3)
+  "head/bias": None,
+}
+
+
+# nnx
+
+
+class NnxPerceiver(nnx.Module):
+  """A learned CLS token and position table joined to the inputs, and learned latents
+  broadcast over the batch that cross-attend to them."""
+
+  def __init__(self, rngs):
+    d, n, h, init = 6, 2, 3, nnx.initializers.normal(0.02)
+    self.embed = nnx.Linear(4, d, rngs=rngs)
+    self.pos_embedding = nnx.Param(init(rngs.params(), (5, d)))
+    self.cls = nnx.Param(jnp.zeros((1, d)))
+    self.latents = nnx.Param(init(rngs.params(), (3, d)))
+    self.latent_norm = nnx.LayerNorm(d, rngs=rngs)
+    self.q = nnx.LinearGeneral(d, (n, h), rngs=rngs)
+    self.kv = nnx.LinearGeneral(d, (2, n, h), rngs=rngs)
+    self.out = nnx.LinearGeneral((n, h), d, axis=(-2, -1), rngs=rngs)
+    self.head = nnx.Linear(d, 3, rngs=rngs)
+
+  def __call__(self, x):
+    b = x.shape[0]
+    x = self.embed(x) + self.pos_embedding[...]
+    cls = jnp.broadcast_to(self.cls[...], (b, *self.cls.shape))
+    x = jnp.concatenate([cls, x], axis=1)
+    latents = jnp.broadcast_to(self.latents[...], (b, *self.latents.shape))
+    q = self.q(self.latent_norm(latents))
+    k, v = jnp.moveaxis(self.kv(x), 2, 0)
+    weights = jax.nn.softmax(jnp.einsum("bqnh,bknh->bnqk", q, k))
+    latents = latents + self.out(jnp.einsum("bnqk,bknh->bqnh", weights, v))
+    return self.head(latents.mean(1))
+
+
+PERCEIVER = {
+  "embed/kernel": (0,),  # (4, 6)
+  "embed/bias": None,
+  "pos_embedding": None,  # (5, 6): added to the activations
+  "cls": None,  # (1, 6): broadcast over the batch and concatenated
+  "latents": None,  # (3, 6): broadcast over the batch, the queries' input
+  "latent_norm/scale": None,
+  "latent_norm/bias": None,
+  "q/kernel": (0,),  # (6, 2, 3): latents @ kernel
+  "q/bias": None,  # (2, 3)
+  "kv/kernel": (0,),  # (6, 2, 2, 3): x @ kernel, k and v split after
+  "kv/bias": None,  # (2, 2, 3)
+  "out/kernel": (0, 1),  # (2, 3, 6)
+  "out/bias": None,
+  "head/kernel": (0,),
+  "head/bias": None,
+}
+
+
+class NnxOneHotLm(nnx.Module):
+  """Tables looked up as one_hot(ids) @ table, the token table tied to the logits."""
+
+  def __init__(self, rngs):
+    init = nnx.initializers.normal(1.0)
+    self.tokens = nnx.Param(init(rngs.params(), (11, 6)))
+    self.segments = nnx.Param(init(rngs.params(), (2, 6)))
+    self.norm = nnx.LayerNorm(6, rngs=rngs)
+    self.mlp_in = nnx.Linear(6, 8, rngs=rngs)
+    self.mlp_out = nnx.Linear(8, 6, rngs=rngs)
+
+  def __call__(self, ids, segment_ids):
+    x = jax.nn.one_hot(ids, 11) @ self.tokens[...]
+    x = x + jax.nn.one_hot(segment_ids, 2) @ self.segments[...]
+    x = x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm(x))))
+    return x @ self.tokens[...].T
+
+
+ONE_HOT_LM = {
+  "tokens": None,  # (11, 6): rows picked by a one-hot of ids; also the tied readout
+  "segments": None,  # (2, 6): rows picked by a one-hot of segment ids
+  "norm/scale": None,
+  "norm/bias": None,
+  "mlp_in/kernel": (0,),  # (6, 8)
+  "mlp_in/bias": None,
+  "mlp_out/kernel": (0,),  # (8, 6)
+  "mlp_out/bias": None,
+}
+
+
+class NnxLowRank(nnx.Module):
+  """A LoRA adapter, x @ A @ B (each factor meets the activations), beside a factorised
+  weight, x @ (A @ B) (the factors meet each other first)."""
+
+  def __init__(self, rngs):
+    init = nnx.initializers.normal(0.1)
+    self.adapted = nnx.LoRALinear(6, 6, lora_rank=2, rngs=rngs)
+    self.factor_a = nnx.Param(init(rngs.params(), (6, 2)))
+    self.factor_b = nnx.Param(init(rngs.params(), (2, 6)))
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.adapted(x))
+    x = x + x @ (self.factor_a[...] @ self.factor_b[...])
+    return self.head(x)
+
+
+LOW_RANK = {
+  "adapted/kernel": (0,),  # (6, 6)
+  "adapted/bias": None,
+  "adapted/lora/lora_a": (0,),  # (6, 2): (x @ A) @ B, A against x
+  "adapted/lora/lora_b": (0,),  # (2, 6): B against x @ A
+  "factor_a": UNDECIDED,  # (6, 2): A @ B, then x @ (A @ B)
+  "factor_b": UNDECIDED,  # (2, 6)
+  "head/kernel": (0,),
+  "head/bias": None,
+}
+
+
+# Equinox
+
+
+class InOutLinear(eqx.Module):
+  """A Linear ported from Flax: weight stored (in, out), used as x @ W."""
+
+  weight: jax.Array
+  bias: jax.Array
+
+  def __init__(self, n_in, n_out, key):
+    self.weight = jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in)
+    self.bias = jnp.zeros((n_out,))
+
+  def __call__(self, x):
+    return x @ self.weight + self.bias
+
+
+class HwioConv(eqx.Module):
+  """A 2-D conv ported from TensorFlow: weight (kh, kw, in, out), channels-last input."""
+
+  weight: jax.Array
+  bias: jax.Array
+
+  def __init__(self, n_in, n_out, size, key):
+    self.weight = jax.random.normal(key, (size, size, n_in, n_out)) / (size * math.sqrt(n_in))
+    self.bias = jnp.zeros((n_out,))
+
+  def __call__(self, x):
+    y = jax.lax.conv_general_dilated(x[None], self.weight, (1, 1), "SAME", dimension_numbers=_NHWC)
+    return y[0] + self.bias
+
+
+class EqxCustomNet(eqx.Module):
+  conv1: HwioConv
+  conv2: HwioConv
+  hidden: InOutLinear
+  head: InOutLinear
+
+  def __init__(self, key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    self.conv1 = HwioConv(2, 4, 3, k1)
+    self.conv2 = HwioConv(4, 4, 2, k2)
+    self.hidden = InOutLinear(4, 4, k3)
+    self.head = InOutLinear(4, 3, k4)
+
+  def __call__(self, img):  # (H, W, C)
+    x = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(img))))
+    return self.head(jax.nn.relu(self.hidden(x.mean((0, 1)))))
+
+
+EQX_CUSTOM = {
+  "conv1/weight": (0, 1, 2),  # (3, 3, 2, 4): HWIO conv
+  "conv1/bias": None,
+  "conv2/weight": (0, 1, 2),  # (2, 2, 4, 4)
+  "conv2/bias": None,
+  "hidden/weight": (0,),  # (4, 4): x @ W, not the (out, in) of eqx.nn.Linear
+  "hidden/bias": None,
+  "head/weight": (0,),  # (4, 3)
+  "head/bias": None,
+}
+
+
+class EqxGru(eqx.Module):
+  cell: eqx.nn.GRUCell
+  head: eqx.nn.Linear
+
+  def __init__(self, key):
+    k1, k2 = jax.random.split(key)
+    self.cell = eqx.nn.GRUCell(3, 2, key=k1)
+    self.head = eqx.nn.Linear(2, 4, key=k2)
+
+  def __call__(self, xs):  # (T, 3)
+    def step(h, x):
+      h = self.cell(x, h)
+      return h, None
+
+    h, _ = jax.lax.scan(step, jnp.zeros((self.cell.hidden_size,)), xs)
+    return self.head(h)
+
+
+# GRUCell (equinox/nn/_rnn.py): weight_ih (3 * hidden, input), weight_hh
+# (3 * hidden, hidden), the three gates packed on axis 0, used as W @ x.
+EQX_GRU = {
+  "cell/weight_ih": (1,),  # (6, 3): weight_ih @ x
+  "cell/weight_hh": (1,),  # (6, 2): weight_hh @ h
+  "cell/bias": None,  # (6,)
+  "cell/bias_n": None,  # (2,)
+  "head/weight": (1,),  # (4, 2)
+  "head/bias": None,
+}
+
+
+class EqxFusedLm(eqx.Module):
+  """Fused QKV (d, 3, heads, head_dim) and gate-and-up (2, d, f), one einsum each;
+  the token table tied to the logits."""
+
+  embed: eqx.nn.Embedding
+  norm: eqx.nn.LayerNorm
+  qkv: jax.Array
+  out: jax.Array
+  gating: jax.Array
+  down: jax.Array
+
+  def __init__(self, key):
+    d, n, h, f = 6, 2, 3, 8
+    keys = jax.random.split(key, 5)
+    self.embed = eqx.nn.Embedding(11, d, key=keys[0])
+    self.norm = eqx.nn.LayerNorm(d)
+    self.qkv = 0.1 * jax.random.normal(keys[1], (d, 3, n, h))
+    self.out = 0.1 * jax.random.normal(keys[2], (n, h, d))
+    self.gating = 0.1 * jax.random.normal(keys[3], (2, d, f))
+    self.down = 0.1 * jax.random.normal(keys[4], (f, d))
+
+  def __call__(self, tokens):  # (T,)
+    x = jax.vmap(self.embed)(tokens)
+    q, k, v = jnp.einsum("td,dcnh->ctnh", jax.vmap(self.norm)(x), self.qkv)
+    weights = jax.nn.softmax(jnp.einsum("tnh,snh->nts", q, k))
+    x = x + jnp.einsum("tnh,nhd->td", jnp.einsum("nts,snh->tnh", weights, v), self.out)
+    gate, up = jnp.einsum("td,cdf->ctf", jax.vmap(self.norm)(x), self.gating)
+    x = x + (jax.nn.gelu(gate) * up) @ self.down
+    return x @ self.embed.weight.T
+
+
+EQX_FUSED = {
+  "embed/weight": None,  # (11, 6): rows by token, and the tied x @ table.T
+  "norm/weight": None,
+  "norm/bias": None,
+  "qkv": (0,),  # (6, 3, 2, 3): "td,dcnh->ctnh", then split on c
+  "out": (0, 1),  # (2, 3, 6): n and h contracted with the attention output
+  "gating": (1,),  # (2, 6, 8): "td,cdf->ctf", then split on c
+  "down": (0,),  # (8, 6)
+}
+
+
+class EqxConvVariants(eqx.Module):
+  up: eqx.nn.ConvTranspose2d
+  depthwise: eqx.nn.Conv2d
+  conv1d: eqx.nn.Conv1d
+
+  def __init__(self, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    self.up = eqx.nn.ConvTranspose2d(3, 4, 3, stride=2, key=k1)
+    self.depthwise = eqx.nn.Conv2d(4, 4, 3, groups=4, key=k2)
+    self.conv1d = eqx.nn.Conv1d(3, 5, 3, key=k3)
+
+  def __call__(self, img, seq):  # (3, H, W), (3, T)
+    return self.depthwise(self.up(img)).mean() + self.conv1d(seq).mean()
+
+
+EQX_CONV_VARIANTS = {
+  "up/weight": (1, 2, 3),  # ConvTranspose (4 out, 3 in, 3, 3): a dilated conv, OIHW
+  "up/bias": None,  # (4, 1, 1)
+  "depthwise/weight": (1, 2, 3),  # (4, 1, 3, 3): 9 taps per channel
+  "depthwise/bias": None,
+  "conv1d/weight": (1, 2),  # (5, 3, 3)
+  "conv1d/bias": None,
+}
+
+
+# Haiku
+
+
+def _haiku_cnn(x):
+  x = jax.nn.relu(hk.Conv2D(4, 3, name="conv")(x))
+  x = hk.LayerNorm(-1, create_scale=True, create_offset=True, name="norm")(x)
+  return hk.Linear(3, name="head")(x.mean((1, 2)))
+
+
+HAIKU_CNN = {
+  "conv/w": (0, 1, 2),  # hk.Conv2D w is HWIO: (3, 3, 2, 4)
+  "conv/b": None,
+  "norm/scale": None,
+  "norm/offset": None,
+  "head/w": (0,),  # (4, 3)
+  "head/b": None,
+}
+
+
+def _haiku_attention(tokens):
+  x = hk.Embed(11, 6, name="embed")(tokens)
+  attn = hk.MultiHeadAttention(2, 3, w_init=hk.initializers.VarianceScaling(), name="attn")
+  x = x + attn(x, x, x)
+  return hk.Linear(11, name="head")(hk.LayerNorm(-1, True, True, name="norm")(x))
+
+
+# hk.MultiHeadAttention keeps its projections flat: query/key/value are
+# hk.Linear(heads * key_size) and the output hk.Linear(model_size).
+HAIKU_ATTENTION = {
+  "embed/embeddings": None,  # (11, 6)
+  "attn/query/w": (0,),  # (6, 2*3)
+  "attn/query/b": None,
+  "attn/key/w": (0,),
+  "attn/key/b": None,
+  "attn/value/w": (0,),
+  "attn/value/b": None,
+  "attn/linear/w": (0,),  # (2*3, 6)
+  "attn/linear/b": None,
+  "norm/scale": None,
+  "norm/offset": None,
+  "head/w": (0,),
+  "head/b": None,
+}
+
+
 # ------------------------------------------------------------------ cases ---
 
 
+# Inputs are NumPy arrays: each jnp op here would compile at import, for every case.
+
+
 def _ones(*shape):
-  return jnp.ones(shape, jnp.float32)
+  return np.ones(shape, np.float32)
 
 
 def _tokens(*shape):
-  return jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape) % 11
+  return np.arange(math.prod(shape), dtype=np.int32).reshape(shape) % 11
 
 
 def _linen(model, *args, **kwargs):
   return lambda: (model, args, kwargs)
 
 
-def _nnx(make):
+def _nnx(make, *args, **kwargs):
   # Abstract: only shapes matter, and a real init compiles one kernel per shape.
-  return lambda: (nnx.eval_shape(lambda: make(nnx.Rngs(0))), (), {})
+  return lambda: (nnx.eval_shape(lambda: make(nnx.Rngs(0))), args, kwargs)
 
 
-def _eqx(make):
+def _eqx(make, *args, **kwargs):
   def build():
     # Zeros, not the random init (one compiled kernel per shape), but real
     # arrays: eqx.is_inexact_array, which users filter with, drops ShapeDtypeStructs.
@@ -1393,9 +2363,13 @@ def _eqx(make):
       eqx.filter_eval_shape(make),
       is_leaf=_is_abstract,
     )
-    return model, (), {}
+    return model, args, kwargs
 
   return build
+
+
+def _haiku(fn, *args):
+  return lambda: (hk.transform(fn), args, {})
 
 
 def _is_abstract(x):
@@ -1417,7 +2391,7 @@ CASES = [
   Case(
     "conv_local_resnet", "linen", _linen(LocalResNet(), _ones(2, 7, 7, 2)), CONV_LOCAL, numeric=True
   ),
-  Case("vit", "linen", _linen(ViT(), _ones(2, 8, 6, 5), jnp.zeros((2, 2, 2), bool)), VIT),
+  Case("vit", "linen", _linen(ViT(), _ones(2, 8, 6, 5), np.zeros((2, 2, 2), bool)), VIT),
   Case("mlp_mixer", "linen", _linen(Mixer(), _ones(2, 12, 8, 3)), MIXER),
   Case("convnext", "linen", _linen(ConvNeXt(), _ones(2, 8, 8, 3)), CONVNEXT),
   Case("t5", "linen", _linen(T5(), _tokens(2, 7), _tokens(2, 4)), _t5()),
@@ -1426,39 +2400,39 @@ CASES = [
   Case(
     "maxtext_unfused_axis1",
     "nnx",
-    _nnx(lambda r: MaxTextTransformer(False, 1, rngs=r)),
+    _nnx(lambda r: MaxTextTransformer(False, 1, rngs=r), _tokens(2, 6)),
     _maxtext(False, 1),
   ),
   Case(
     "maxtext_fused_axis1",
     "nnx",
-    _nnx(lambda r: MaxTextTransformer(True, 1, rngs=r)),
+    _nnx(lambda r: MaxTextTransformer(True, 1, rngs=r), _tokens(2, 6)),
     _maxtext(True, 1),
     numeric=True,
   ),
   Case(
     "maxtext_unfused_axis0",
     "nnx",
-    _nnx(lambda r: MaxTextTransformer(False, 0, rngs=r)),
+    _nnx(lambda r: MaxTextTransformer(False, 0, rngs=r), _tokens(2, 6)),
     _maxtext(False, 0),
   ),
   Case(
     "maxtext_fused_axis0",
     "nnx",
-    _nnx(lambda r: MaxTextTransformer(True, 0, rngs=r)),
+    _nnx(lambda r: MaxTextTransformer(True, 0, rngs=r), _tokens(2, 6)),
     _maxtext(True, 0),
   ),
   Case(
     "gemma_nnx_gqa",
     "nnx",
-    _nnx(lambda r: NnxGemma(6, 3, rngs=r)),
+    _nnx(lambda r: NnxGemma(6, 3, rngs=r), _tokens(2, 6)),
     _gemma("layers/{}", 6, 3, "embedder/input_embedding"),
     numeric=True,
   ),
   Case(
     "gemma_nnx_fused_qkv",
     "nnx",
-    _nnx(lambda r: NnxGemma(2, 2, rngs=r)),
+    _nnx(lambda r: NnxGemma(2, 2, rngs=r), _tokens(2, 6)),
     _gemma("layers/{}", 2, 2, "embedder/input_embedding"),
   ),
   Case(
@@ -1473,7 +2447,7 @@ CASES = [
     _linen(LinenGemma(2, 2), _tokens(2, 6)),
     _gemma("layer_{}", 2, 2, "embedder/input_embedding"),
   ),
-  Case("nnx_einsum_proj", "nnx", _nnx(EinsumProjAttention), EINSUM_PROJ),
+  Case("nnx_einsum_proj", "nnx", _nnx(EinsumProjAttention, _ones(2, 6, 12)), EINSUM_PROJ),
   Case("wav2vec_frontend", "linen", _linen(Wav2Vec(), _ones(2, 64, 1)), WAV2VEC),
   Case("mamba", "linen", _linen(MambaBlock(), _ones(2, 5, 6)), MAMBA),
   Case(
@@ -1482,13 +2456,32 @@ CASES = [
     _linen(ChannelsFirstPos(), _ones(2, 4, 8, 6)),
     CHANNELS_FIRST_POS,
   ),
-  Case("eqx_mlp", "equinox", _eqx(lambda: eqx.nn.MLP(5, 3, 7, 2, key=KEY)), EQX_MLP, "torch"),
-  Case("eqx_cnn", "equinox", _eqx(lambda: EqxCNN(KEY)), EQX_CNN, "torch", numeric=True),
-  Case("eqx_attention", "equinox", _eqx(lambda: EqxAttention(KEY)), EQX_ATTENTION, "torch"),
+  Case(
+    "eqx_mlp",
+    "equinox",
+    _eqx(lambda: eqx.nn.MLP(5, 3, 7, 2, key=KEY), _ones(5)),
+    EQX_MLP,
+    "torch",
+  ),
+  Case(
+    "eqx_cnn",
+    "equinox",
+    _eqx(lambda: EqxCNN(KEY), _ones(2, 8, 8)),
+    EQX_CNN,
+    "torch",
+    numeric=True,
+  ),
+  Case(
+    "eqx_attention",
+    "equinox",
+    _eqx(lambda: EqxAttention(KEY), _tokens(6)),
+    EQX_ATTENTION,
+    "torch",
+  ),
   Case(
     "eqx_vmap_linear",
     "equinox",
-    _eqx(lambda: EqxEnsemble(KEY)),
+    _eqx(lambda: EqxEnsemble(KEY), _ones(6)),
     EQX_ENSEMBLE,
     "torch",
     numeric=True,
@@ -1496,11 +2489,11 @@ CASES = [
   Case(
     "eqx_vmap_linear_no_bias",
     "equinox",
-    _eqx(lambda: EqxEnsemble(KEY, use_bias=False)),
+    _eqx(lambda: EqxEnsemble(KEY, use_bias=False), _ones(6)),
     EQX_ENSEMBLE_NO_BIAS,
     "torch",
   ),
-  Case("haiku_mlp", "haiku", lambda: (_haiku_mlp(), (_ones(2, 3),), {}), HAIKU_MLP),
+  Case("haiku_mlp", "haiku", _haiku(_haiku_mlp, _ones(2, 3)), HAIKU_MLP),
   Case(
     "linen_misc",
     "linen",
@@ -1515,9 +2508,15 @@ CASES = [
     LINEN_MISC,
     numeric=True,
   ),
-  Case("nnx_misc", "nnx", _nnx(NnxMisc), NNX_MISC, numeric=True),
+  Case(
+    "nnx_misc",
+    "nnx",
+    _nnx(NnxMisc, _ones(2, 5, 5, 4), _ones(2, 3, 4, 5), _ones(3, 2, 5), _ones(2, 1)),
+    NNX_MISC,
+    numeric=True,
+  ),
   Case("stack_equal_linen", "linen", _linen(EqualStack(), _ones(2, 8)), STACK_EQUAL_LINEN),
-  Case("stack_equal_nnx", "nnx", _nnx(NnxEqualStack), STACK_EQUAL_NNX, numeric=True),
+  Case("stack_equal_nnx", "nnx", _nnx(NnxEqualStack, _ones(2, 8)), STACK_EQUAL_NNX, numeric=True),
   Case(
     "dropout_train",
     "linen",
@@ -1526,6 +2525,79 @@ CASES = [
     rngs=_dropout_rngs,
   ),
   Case("bare_param", "linen", _linen(BareParamNet(), _ones(2, 5)), BARE_PARAM),
+  # Failure classes: each reproduces a structure that real third-party models have.
+  Case(
+    "torch_port_linen",
+    "linen",
+    _linen(TorchPortMlp(), _ones(2, 5)),
+    TORCH_PORT,
+    preset_blind=frozenset({"fc2/kernel"}),
+  ),
+  Case("linen_jit_call", "linen", _linen(JitMlp(), _ones(2, 5)), JIT_MLP),
+  Case("linen_remat_blocks", "linen", _linen(RematNet(), _ones(2, 3, 5)), REMAT),
+  Case(
+    "einsum_variants",
+    "linen",
+    _linen(EinsumVariants(), _ones(2, 4, 6), _ones(3, 2, 6)),
+    EINSUM_VARIANTS,
+  ),
+  Case(
+    "moe_ragged_dot",
+    "nnx",
+    _nnx(lambda r: NnxRaggedMoe(6, 8, 4, 2, rngs=r), _ones(2, 3, 6)),
+    MOE_RAGGED,
+    numeric=True,
+  ),
+  Case("moe_einsum", "linen", _linen(EinsumMoe(), _ones(2, 5, 6)), MOE_EINSUM),
+  Case(
+    "flat_attention_scan_axis1",
+    "linen",
+    _linen(FlatAttentionStack(), _tokens(2, 4)),
+    FLAT_ATTENTION,
+    numeric=True,
+  ),
+  Case("lstm_packed_scan", "linen", _linen(PackedLstm(), _ones(2, 4, 3)), LSTM),
+  Case("eqx_gru", "equinox", _eqx(lambda: EqxGru(KEY), _ones(4, 3)), EQX_GRU, "torch"),
+  Case("griffin_recurrent", "linen", _linen(GriffinBlock(), _ones(2, 5, 4)), GRIFFIN),
+  Case(
+    "eqx_fused_tied_lm", "equinox", _eqx(lambda: EqxFusedLm(KEY), _tokens(5)), EQX_FUSED, "torch"
+  ),
+  Case(
+    "nnx_one_hot_tied",
+    "nnx",
+    _nnx(NnxOneHotLm, _tokens(2, 5), np.zeros((2, 5), np.int32)),
+    ONE_HOT_LM,
+  ),
+  Case("weight_reparam", "linen", _linen(WeightReparamNet(), _ones(2, 5, 5, 2)), WEIGHT_REPARAM),
+  Case("nnx_perceiver", "nnx", _nnx(NnxPerceiver, _ones(2, 5, 4)), PERCEIVER),
+  Case("nnx_low_rank", "nnx", _nnx(NnxLowRank, _ones(2, 6)), LOW_RANK),
+  Case("undecidable", "linen", _linen(Undecidable(), _ones(2, 5, 6)), UNDECIDABLE),
+  Case("spectral_norm", "linen", _linen(SpectralNet(), _ones(2, 5)), SPECTRAL),
+  Case(
+    "conv_variants_linen",
+    "linen",
+    _linen(ConvVariants(), _ones(2, 4, 4, 4), _ones(2, 8, 3), _ones(2, 2, 4, 4, 3)),
+    CONV_VARIANTS,
+    numeric=True,
+    preset_blind=frozenset({"up_t/kernel"}),
+  ),
+  Case(
+    "eqx_custom_layers",
+    "equinox",
+    _eqx(lambda: EqxCustomNet(KEY), _ones(6, 6, 2)),
+    EQX_CUSTOM,
+    "torch",
+    preset_blind=frozenset({"hidden/weight"}),
+  ),
+  Case(
+    "eqx_conv_variants",
+    "equinox",
+    _eqx(lambda: EqxConvVariants(KEY), _ones(3, 4, 4), _ones(3, 6)),
+    EQX_CONV_VARIANTS,
+    "torch",
+  ),
+  Case("haiku_cnn", "haiku", _haiku(_haiku_cnn, _ones(2, 6, 6, 2)), HAIKU_CNN),
+  Case("haiku_attention", "haiku", _haiku(_haiku_attention, _tokens(2, 5)), HAIKU_ATTENTION),
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}
@@ -1535,11 +2607,13 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 
 
 def rules_for_case(optax_gc, case):
+  """``rules_for`` as a user calls it: the model and its forward inputs (Haiku: the
+  function form, ``rules_for(apply, params, rng, *inputs)``)."""
   model, args, kwargs = case.built
-  if case.framework == "linen":
-    extra = {"rngs": case.rngs()} if case.rngs is not None else {}
-    return optax_gc.rules_for(model, *args, **extra, **kwargs)
-  return optax_gc.rules_for(model)
+  if case.framework == "haiku":
+    return optax_gc.rules_for(model.apply, case.variables, None, *args, **kwargs)
+  extra = {"rngs": case.rngs()} if case.rngs is not None else {}
+  return optax_gc.rules_for(model, *args, **extra, **kwargs)
 
 
 def summary(optax_gc):
@@ -1557,11 +2631,8 @@ def summary(optax_gc):
     wrong = [p for p in want if plan[p].axes != want[p]]
     silent = sum(not plan[p].guess for p in wrong)
     guessed = sum(plan[p].guess for p in want)
-    if case.framework == "haiku":
-      derived = "n/a"
-    else:
-      plan = optax_gc.explain(tree, rules_for_case(optax_gc, case), preset=case.preset)
-      derived = str(sum(plan[p].axes != want[p] for p in want))
+    plan = optax_gc.explain(tree, rules_for_case(optax_gc, case), preset=case.preset)
+    derived = str(sum(plan[p].axes != want[p] for p in want))
     lines.append(f"| {case.name} | {len(want)} | {len(wrong)} | {silent} | {guessed} | {derived} |")
   return "\n".join(lines)
 

@@ -1,234 +1,151 @@
-"""``rules_for``: each parameter's fan-in read from the model's own layers.
+"""``rules_for``: each parameter's axes read from the program the model runs.
 
-A reader per framework lists every parameter with the layer that owns it
-(``layers.read`` says what that layer defines); then the stack axes (the
-difference between the stored leaf and one layer's) are found, and the layer's
-fan-in is mapped onto the stored leaf with the stack axes kept.
+Every framework comes down to one JAX function ``fn(params, state, arrays)``:
+linen's ``apply`` on the variables its ``init`` makes, an nnx module merged
+from its state, an Equinox module combined from its arrays, or the user's own
+function. ``jax.make_jaxpr`` of it on abstract values (nothing is allocated)
+is walked by :mod:`optax_gc._src.trace`, and each parameter's reading becomes
+a :class:`~optax_gc.LayerRule` for its exact path.
 """
 
-import collections
 import dataclasses
-import functools
-import itertools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_gc._src import layers, tree
-from optax_gc._src.paths import path_string
+from optax_gc._src import trace, tree
 from optax_gc._src.rules import LayerRule, LayerRules
 
 
 @dataclasses.dataclass(frozen=True)
-class Param:
-  """One parameter as a reader found it."""
+class _Program:
+  """The forward pass as ``fn(params, state, arrays)`` and the trees it is traced on.
 
-  path: str
-  owner: tuple  # the owning layer's path, for grouping the leaves of one stack
-  group: str  # the collection or variable type: a stack's axis is the same within one
-  shape: tuple[int, ...]
-  names: tuple | None  # logical axis names of the stored leaf
-  layer: layers.Layer | None  # None: no known layer defines it
-  rank: int | None = None  # one layer's rank of this leaf
-  one_layer: tuple[int, ...] | None = None  # one layer's shape of this leaf, where known
-  fan_in: tuple[int, ...] | None = None  # one layer's fan-in axes (None: unchanged)
-
-
-def _one_layer(module, layer: layers.Layer | None, name: object):
-  """``(one layer's shape or None, fan-in)`` of a parameter, from what its layer holds."""
-  if layer is None:
-    return None, None
-  if name == layer.kernel:
-    return layer.shape, layer.fan_in
-  if layer.kernel is not None and layer.shape is not None and layers.is_bias(name):
-    # A bias holds the kernel's axes that are not its fan-in.
-    return tuple(n for i, n in enumerate(layer.shape) if i not in layer.fan_in), None
-  if layer.kernel is None and hasattr(module, "num_embeddings"):
-    return (module.num_embeddings, getattr(module, "features", None)), None
-  if layer.kernel is None and isinstance(getattr(module, "num_features", None), int):
-    return (module.num_features,), None
-  return None, None
-
-
-def _candidates(p: Param) -> tuple[int, set | None]:
-  """``(k, positions)``: how many stack axes, and their possible positions (None: unknown)."""
-  if p.rank is None:
-    return 0, None if p.fan_in is None else set()
-  k = len(p.shape) - p.rank
-  if k <= 0:
-    return k, {()} if k == 0 else set()
-  named = tree.stack_axes(p.names)
-  if len(named) == k:
-    return k, {named}
-  combos = itertools.combinations(range(len(p.shape)), k)
-  if p.one_layer is None:
-    return k, set(combos)
-  return k, {c for c in combos if tuple(np.delete(p.shape, c)) == p.one_layer}
-
-
-def _stack_root(owner: tuple, stacked: dict, total: dict) -> tuple:
-  """The outermost layer above ``owner`` under which every parameter is stacked."""
-  for i in range(len(owner) + 1):
-    if stacked[owner[:i]] == total[owner[:i]]:
-      return owner[:i]
-  return owner
-
-
-def resolve(params: list[Param]) -> LayerRules:
-  """Finds the stack axes of every parameter and maps each layer's fan-in onto the leaf.
-
-  All leaves of one stack share its axes (``nn.scan``'s ``variable_axes``,
-  ``nnx.vmap``'s ``out_axes``): where one leaf fits several positions (a stack
-  as long as a neighbouring axis), the others settle it. Where none does, the
-  first position is assumed (Flax's default) and the rule says so.
+  ``state`` holds what is not a parameter (batch statistics, caches, RNG
+  state); ``state_labels`` says what each of its leaves is to the walk.
   """
-  found = {p.path: _candidates(p) for p in params}
-  stacked: collections.Counter[tuple] = collections.Counter()
-  total: collections.Counter[tuple] = collections.Counter()
-  for p in params:
-    k, positions = found[p.path]
-    if positions:
-      for i in range(len(p.owner) + 1):
-        total[p.owner[:i]] += 1
-        stacked[p.owner[:i]] += k > 0
-  groups = collections.defaultdict(list)
-  for p in params:
-    k, positions = found[p.path]
-    if k > 0 and positions:
-      groups[_stack_root(p.owner, stacked, total), k, p.group].append(positions)
-  shared = {key: set.intersection(*sets) for key, sets in groups.items()}
-  rules = []
-  for p in params:
-    k, positions = found[p.path]
-    if p.layer is None or positions == set():
-      why = "no known layer defines it" if p.layer is None else f"does not fit {p.layer.label}"
-      rules.append(LayerRule(p.path, p.shape, None, why, known=False))
-      continue
-    label, guess, stack = p.layer.label, False, ()
-    if k > 0 and positions:
-      common = shared[_stack_root(p.owner, stacked, total), k, p.group] & positions
-      options = sorted(common or positions)
-      stack, guess = options[0], len(options) > 1
-      axis = ", ".join(map(str, stack))
-      label += f", stacked at axis {axis}" + (" (assumed: nothing in the model tells)" * guess)
-    kept = [i for i in range(len(p.shape)) if i not in stack]
-    axes = None if p.fan_in is None else tuple(kept[a] for a in p.fan_in)
-    rules.append(LayerRule(p.path, p.shape, axes, label, True, guess, p.layer.conv))
-  return LayerRules(rules)
+
+  fn: Callable
+  params: Any
+  state: Any
+  state_labels: list[int]
 
 
-def _leaf(x):
-  """``(shape, logical names, floating)`` of a stored leaf, boxed or not."""
-  (leaf,), _, _ = tree.flatten(x)
-  return leaf.shape, leaf.names, jnp.issubdtype(leaf.dtype, jnp.floating)
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _read_linen(model, args, rngs, method, kwargs) -> list[Param]:
-  """Traces ``model.init`` abstractly; each layer's own variables show one layer's shapes."""
-  import flax.linen as nn
+def _split_inputs(args: tuple, kwargs: dict):
+  """``(arrays, rebuild)``: the inputs' array leaves are traced, everything else held static."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  arrays = [x for x in leaves if _is_array(x)]
 
-  seen: dict[tuple, tuple] = {}
+  def rebuild(traced) -> tuple[tuple, dict]:
+    it = iter(traced)
+    return jax.tree.unflatten(treedef, [next(it) if _is_array(x) else x for x in leaves])
 
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
-    module = context.module
-    if module.scope is not None:
-      strings = [a for a in (*call_args, *call_kwargs.values()) if isinstance(a, str)]
-      own = {
-        (col, name): tuple(np.shape(nn.unbox(v)))
-        for col, values in module.variables.items()
-        for name, v in values.items()
-        if not hasattr(v, "items")  # a sublayer's variables
-      }
-      strings += seen.get(module.scope.path, (None, {}, []))[2]
-      seen[module.scope.path] = (module, own, strings)
-    return out
-
-  init = functools.partial(model.init, method=method, **kwargs)
-  with nn.intercept_methods(interceptor):
-    variables = jax.eval_shape(init, jax.random.key(0) if rngs is None else rngs, *args)
-  owners = {}
-  for scope, (module, own, strings) in seen.items():
-    ranks = {name: len(shape) for (col, name), shape in own.items() if col == "params"}
-    layer = layers.read(module, ranks, strings)
-    for col, name in own:
-      owners["/".join((col, *scope, name))] = (scope, layer, own[col, name])
-  params = []
-  for leaf in tree.flatten(variables)[0]:
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      continue
-    col, name = leaf.path.split("/")[0], leaf.path.rsplit("/", 1)[-1]
-    scope, layer, one = owners.get(leaf.path, ((), None, None))
-    fan_in = layer.fan_in if layer is not None and name == layer.kernel else None
-    rank = None if one is None else len(one)
-    params.append(Param(leaf.path, scope, col, leaf.shape, leaf.names, layer, rank, one, fan_in))
-  return params
+  return arrays, rebuild
 
 
-def _read_nnx(model) -> list[Param]:
-  """Walks the module graph: every Param and BatchStat with the layer that holds it."""
+def _call(module, method, args, kwargs):
+  """Calls a module as linen's ``apply`` does: ``method`` a name, a function, or None."""
+  if method is None:
+    return module(*args, **kwargs)
+  if isinstance(method, str):
+    return getattr(module, method)(*args, **kwargs)
+  return method(module, *args, **kwargs)
+
+
+def _labels(state, rng=frozenset()) -> list[int]:
+  """What each leaf of ``state`` is to the walk.
+
+  Float state (batch statistics, a power iteration's estimate) changes slowly
+  and is not the input: a constant, so a kernel scaled by a norm estimated
+  from it is still the kernel. Integer state (a cache index) is data: a row
+  looked up by it is a table row. RNG state is nothing: a dropout mask is no
+  data.
+  """
+  labels = []
+  for leaf in tree.flatten(state)[0]:
+    integer = jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_)
+    labels.append(trace.INT | trace.DISCRETE if integer and leaf.path not in rng else 0)
+  return labels
+
+
+def _input_label(dtype) -> int:
+  """The model's inputs are data: floats, or integers (token ids); PRNG keys are nothing."""
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return trace.FLOAT
+  if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+    return trace.INT | trace.DISCRETE
+  return 0
+
+
+def _linen(model, arrays, rebuild, rngs, method) -> _Program:
+  from flax.core import DenyList
+
+  if rngs is None:
+    rngs = jax.random.key(0)  # linen hands the params stream's key to every stream
+
+  def init(arrays):
+    args, kwargs = rebuild(arrays)
+    return model.init(rngs, *args, method=method, **kwargs)
+
+  variables = jax.eval_shape(init, arrays)
+  params = {k: v for k, v in variables.items() if k == "params"}
+  state = {k: v for k, v in variables.items() if k != "params"}
+  apply_rngs = rngs if isinstance(rngs, dict) else {"params": rngs}
+
+  def fn(params, state, arrays):
+    args, kwargs = rebuild(arrays)
+    kwargs = {"mutable": DenyList("params"), **kwargs}
+    return model.apply({**params, **state}, *args, rngs=apply_rngs, method=method, **kwargs)
+
+  return _Program(fn, params, state, _labels(state))
+
+
+def _nnx(model, rebuild, method) -> _Program:
   from flax import nnx
 
-  nodes = dict(nnx.iter_graph(model))
-  params = []
-  for path, node in nodes.items():
-    if not isinstance(node, (nnx.Param, nnx.BatchStat)):
-      continue
-    shape, names, floating = _leaf(node)
-    if not floating:
-      continue
-    owner, name = path[:-1], path[-1]
-    module = nodes.get(owner)
-    layer = None
-    if isinstance(module, nnx.Module):
-      own = [k for k, v in vars(module).items() if isinstance(v, nnx.Param)]
-      layer = layers.read(module, dict.fromkeys(own))
-    one, fan_in = _one_layer(module, layer, name)
-    rank = layer.rank if layer is not None and name == layer.kernel else None
-    rank = len(one) if one is not None else rank
-    group = type(node).__name__
-    params.append(
-      Param("/".join(map(str, path)), owner, group, shape, names, layer, rank, one, fan_in)
-    )
-  return params
+  graphdef, params, state = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+  rng = {leaf.path for leaf in tree.flatten(nnx.state(model, nnx.RngState))[0]}
+
+  def fn(params, state, arrays):
+    args, kwargs = rebuild(arrays)
+    return _call(nnx.merge(graphdef, params, state), method, args, kwargs)
+
+  return _Program(fn, params, state, _labels(state, rng))
 
 
-def _read_equinox(model) -> list[Param]:
-  """Walks the module tree: weights in PyTorch layout ``(out, in, ...)``."""
+def _equinox(model, rebuild, method) -> _Program:
   import equinox as eqx
 
-  params = []
+  def is_param(x) -> bool:
+    return (eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)) and jnp.issubdtype(
+      x.dtype, jnp.inexact
+    )
 
-  def walk(module, prefix):
-    is_sub = lambda x: x is not module and isinstance(x, eqx.Module)  # noqa: E731
-    flat = jax.tree_util.tree_flatten_with_path(module, is_leaf=is_sub)[0]
-    own = [
-      kp[0].name
-      for kp, x in flat
-      if len(kp) == 1 and hasattr(kp[0], "name") and not is_sub(x) and _leaf(x)[2]
-    ]
-    layer = layers.read(module, dict.fromkeys(own), torch=True)
-    for kp, x in flat:
-      if is_sub(x):
-        walk(x, (*prefix, *kp))
-        continue
-      shape, names, floating = _leaf(x)
-      if not floating:
-        continue
-      name = kp[0].name if len(kp) == 1 and hasattr(kp[0], "name") else None
-      one, fan_in = _one_layer(module, layer, name)
-      if one is not None and isinstance(module, eqx.nn.Conv) and name == "bias":
-        one = (module.out_channels,) + (1,) * module.num_spatial_dims
-      rank = len(one) if one is not None else None
-      path = path_string((*prefix, *kp))
-      params.append(
-        Param(path, prefix, "", shape, names, layer if name else None, rank, one, fan_in)
-      )
+  params, static = eqx.partition(model, is_param)
 
-  walk(model, ())
-  return params
+  def fn(params, state, arrays):
+    del state
+    args, kwargs = rebuild(arrays)
+    return _call(eqx.combine(params, static), method, args, kwargs)
+
+  return _Program(fn, params, None, [])
+
+
+def _function(fn, params, rebuild) -> _Program:
+  def run(params, state, arrays):
+    del state
+    args, kwargs = rebuild(arrays)
+    return fn(params, *args, **kwargs)
+
+  return _Program(run, params, None, [])
 
 
 def _framework(model) -> str | None:
@@ -243,44 +160,116 @@ def _framework(model) -> str | None:
   return None
 
 
-def rules_for(model, *args, rngs=None, method=None, **kwargs) -> LayerRules:
-  """Derives every parameter's fan-in from the model's own layers: rules for ``centralize``.
+def _trace(program: _Program, arrays: list, what: str, given: int):
+  try:
+    return jax.make_jaxpr(program.fn)(program.params, program.state, arrays)
+  except TypeError as e:
+    if given or "argument" not in str(e):
+      raise
+    raise TypeError(
+      f"rules_for traces {what}'s forward pass and needs its inputs ({e}). Pass example "
+      "inputs after the model (arrays or jax.ShapeDtypeStruct; a batch of 2 or more), "
+      "e.g. optax_gc.rules_for(model, jnp.ones((2, 28, 28, 1))), and keyword arguments "
+      "for the call after them (train=False)."
+    ) from e
 
-  A path says little about a layer (a stacked Dense kernel ``(L, in, out)``
-  looks like a 1-D conv kernel, an einsum kernel may hold its input axis
-  anywhere); the model knows. Each parameter a known layer defines gets a rule
-  for its exact path with the fan-in that layer defines; stack axes (``nn.scan``,
-  ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``, ``eqx.filter_vmap``) are kept. A
-  parameter no known layer defines gets no rule: the preset decides it, and
-  :func:`optax_gc.explain` says so.
 
-  - linen ``nn.Module``: ``model.init(rngs, *args, method=method, **kwargs)`` is
-    traced with ``jax.eval_shape``; nothing is allocated. ``rngs`` defaults to
-    one key, which linen hands to every stream the model asks for.
-  - nnx ``nnx.Module`` (real, or from ``nnx.eval_shape``): its module graph.
-  - Equinox ``eqx.Module``: its module tree (use ``preset="torch"`` beside it).
+def _rules(program: _Program, closed) -> LayerRules:
+  """Walks the traced program and turns each parameter's reading into a rule."""
+  params = tree.flatten(program.params)[0]
+  state = tree.flatten(program.state)[0]
+  n_data = len(closed.jaxpr.invars) - len(params) - len(state)
+  ins = [
+    trace.Val((trace.View(i, tuple(frozenset({a}) for a in range(len(leaf.shape)))),), trace.PARAM)
+    for i, leaf in enumerate(params)
+  ]
+  ins += [trace.Val(label=label) for label in program.state_labels]
+  for v in closed.jaxpr.invars[len(ins) : len(ins) + n_data]:
+    ins.append(trace.Val(label=_input_label(v.aval.dtype)))
+  walk = trace.Walk(len(params))
+  walk.finish(walk.run(closed, ins))
+  rules = []
+  for i, leaf in enumerate(params):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    reading = trace.read(walk, i, len(leaf.shape))
+    rules.append(
+      LayerRule(
+        leaf.path,
+        leaf.shape,
+        reading.fan_in or None if reading.kind == "contraction" else None,
+        reading.kind,
+        reading.how,
+        reading.fan_out,
+        reading.kept,
+        reading.conv,
+      )
+    )
+  for leaf in state:
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      rules.append(LayerRule(leaf.path, leaf.shape, None, "untouched", "not a parameter"))
+  return LayerRules(rules)
 
-  Known layers: Dense/Linear, DenseGeneral/LinearGeneral (``axis``, batch
-  axes), Conv/ConvTranspose (``transpose_kernel``)/ConvLocal of any rank and
-  group count, Einsum (the kernel's indices missing from the output), the
-  attention projections (built from these), Embed and every norm; and a
-  layer of your own that holds what those hold (an ``einsum_str``;
-  ``features`` and ``axis``; ``in_features_shape`` and ``out_features_shape``).
-  The rules read the model; they never change it.
+
+def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
+  """Reads every parameter's fan-in from the model's computation: rules for ``centralize``.
+
+  A path says little about a layer and a layer's class little about its
+  kernel (a scanned Dense kernel ``(L, in, out)`` looks like a 1-D conv kernel;
+  a custom layer may store its kernel ``(out, in)`` and transpose it when
+  called). The computation knows: every weight reaches its neurons through a
+  contraction, whose dimension numbers say which of the weight's axes are
+  summed against the input. ``rules_for`` traces the forward pass with
+  ``jax.make_jaxpr`` on abstract values (nothing is allocated) and follows each
+  parameter through casts, transposes, reshapes, broadcasts, slices and
+  arithmetic on parameters alone, into every sub-program (``jit``, ``remat``,
+  custom derivatives, ``cond``, ``while``, ``scan``, ``shard_map``), to the
+  operations that use it:
+
+  - ``dot_general``: its contracting dimensions are the fan-in, its batch
+    dimensions kept; a convolution: the kernel's input-feature and spatial
+    dimensions; ``ragged_dot``: the expert axis kept; a product with data
+    summed over a parameter axis (a convolution written by hand) likewise;
+  - a slice of one entry (a scan over stacked layers, an index by a loop
+    counter) makes a stack axis, kept;
+  - a lookup of rows by data (a gather at token ids, a contraction against a
+    one-hot of ids) makes a table: unchanged;
+  - anything else (adding a bias, scaling by a norm's scale) is no contraction:
+    unchanged.
+
+  A parameter whose contractions disagree, one reached only through an opaque
+  kernel (a Pallas call) or only contracted with constants or other
+  parameters, and one the forward pass never reads is left unchanged with the
+  reason; :func:`optax_gc.explain` shows it and ``strict=True`` lists it. Never
+  a guess.
+
+  - linen ``nn.Module``: ``model.init(rngs, *inputs, method=method, **kwargs)``
+    is traced with ``jax.eval_shape`` for the variables, then
+    ``model.apply`` on them. ``rngs`` (a key or a dict of keys) defaults to
+    one key, which linen hands to every stream.
+  - nnx ``nnx.Module`` (real, or from ``nnx.eval_shape``): the module merged
+    from its state and called on ``inputs``.
+  - Equinox ``eqx.Module``: ``model(*inputs, **kwargs)``.
+  - Any JAX function (a Haiku ``apply``, plain JAX):
+    ``rules_for(fn, params, *inputs)`` traces ``fn(params, *inputs, **kwargs)``
+    and gives rules for the leaves of ``params``.
 
   Args:
-    model: a linen, nnx or Equinox module.
-    *args: linen only: example inputs for ``init`` (arrays or
-      ``jax.ShapeDtypeStruct``).
-    rngs: linen only: ``init``'s rngs (a key or a dict of keys).
-    method: linen only: the method ``init`` calls.
-    **kwargs: linen only: keyword arguments for that method (``train=False``).
+    model: a linen, nnx or Equinox module, or a function of ``(params, *inputs)``.
+    *inputs: example inputs of the forward pass: arrays or
+      ``jax.ShapeDtypeStruct`` (a batch of 2 or more); other values (flags,
+      None) are passed as they are. For a function, its params come first.
+    method: the method to call, as linen's ``apply`` takes it: a name, or a
+      function ``f(model, *inputs)``; None calls the model.
+    rngs: linen only: the rngs of ``init`` and ``apply``.
+    **kwargs: keyword arguments of the call (``train=False``).
 
   Returns:
-    :class:`optax_gc.LayerRules`: pass it as ``rules=`` to ``centralize``,
-    ``with_centralization``, ``explain`` or the optimizers. Its rules match the
-    leaves of the variables dict, of its ``"params"`` collection, and of
-    ``nnx.state(model, nnx.Param)``.
+    :class:`optax_gc.LayerRules`, one rule per floating leaf: pass it as
+    ``rules=`` to ``centralize``, ``with_centralization``, ``explain`` or the
+    optimizers. The rules match the leaves of a linen variables dict and of its
+    ``"params"`` collection, of ``nnx.state(model, nnx.Param)``, of
+    ``eqx.filter(model, eqx.is_inexact_array)``, and of a function's params.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -289,32 +278,50 @@ def rules_for(model, *args, rngs=None, method=None, **kwargs) -> LayerRules:
     ...   @nn.compact
     ...   def __call__(self, x, _):
     ...     return nn.Dense(4)(x), None
-    >>> Stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    >>> Stack = nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
     >>> x = jnp.ones((2, 4))
     >>> rules = optax_gc.rules_for(Stack(), x, None)
     >>> print(rules)
-    params/Dense_0/bias (3, 4): unchanged (nn.Dense, stacked at axis 0)
-    params/Dense_0/kernel (3, 4, 4): axes (1,) (nn.Dense, stacked at axis 0)
+    params/Dense_0/bias (4, 3): unchanged (no contraction: add)
+    params/Dense_0/kernel (4, 3, 4): axes (0,) (dot_general in scan body, stack axis 1)
     >>> params = jax.eval_shape(Stack().init, jax.random.key(0), x, None)
     >>> optax_gc.explain(params, rules)["params/Dense_0/kernel"].axes
-    (1,)
+    (0,)
   """
   framework = _framework(model)
+  if framework is None and not callable(model):
+    hint = ""
+    if hasattr(model, "apply") and hasattr(model, "init"):  # a Haiku Transformed
+      hint = (
+        " For a Haiku model, pass its apply and params: rules_for(model.apply, params, None, x)."
+      )
+    raise TypeError(
+      f"rules_for reads Flax linen, Flax nnx and Equinox modules, and functions of "
+      f"(params, *inputs); got {type(model).__name__}.{hint}"
+    )
+  if framework != "linen" and rngs is not None:
+    raise TypeError(
+      f"rngs= is linen's (init and apply); a {framework or 'function'} model gets its "
+      "randomness from its own state or inputs."
+    )
   if framework is None:
-    raise TypeError(
-      f"rules_for reads Flax linen, Flax nnx and Equinox modules; got {type(model).__name__}. "
-      "For a Haiku model, or parameters without their model, use the presets "
-      "(optax_gc.explain(params) shows what they decide) or write rules yourself."
-    )
-  if framework != "linen" and (args or kwargs or rngs is not None or method is not None):
-    raise TypeError(
-      f"rules_for reads an {framework} model from the model itself: pass only the model "
-      f"(got {len(args)} inputs, {sorted(kwargs)} keywords). Inputs are for linen's init."
-    )
-  if framework == "linen":
-    params = _read_linen(model, args, rngs, method, kwargs)
-  elif framework == "nnx":
-    params = _read_nnx(model)
+    if not inputs:
+      raise TypeError(
+        "rules_for(fn, params, *inputs): give the parameters the function takes first, "
+        "then its example inputs, e.g. optax_gc.rules_for(model.apply, params, None, x)."
+      )
+    params, *inputs_list = inputs
+    arrays, rebuild = _split_inputs(tuple(inputs_list), kwargs)
+    program = _function(model, params, rebuild)
+    given = len(inputs_list)
   else:
-    params = _read_equinox(model)
-  return resolve(params)
+    arrays, rebuild = _split_inputs(inputs, kwargs)
+    given = len(inputs)
+    if framework == "linen":
+      program = _linen(model, arrays, rebuild, rngs, method)
+    elif framework == "nnx":
+      program = _nnx(model, rebuild, method)
+    else:
+      program = _equinox(model, rebuild, method)
+  closed = _trace(program, arrays, type(model).__name__, given)
+  return _rules(program, closed)

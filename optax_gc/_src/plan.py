@@ -22,6 +22,7 @@ class Row:
   axes: tuple[int, ...] | None
   decided_by: str
   guess: bool = False  # a preset guessed the layout: neither path nor tree settled it
+  undecided: bool = False  # left unchanged: nothing could say what the leaf is
   rule: rules_lib.Rule | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
@@ -36,7 +37,10 @@ class Plan:
   Index a plan by path (``plan["params/Dense_0/kernel"].axes``) or iterate over
   its rows. ``unmatched`` lists the floating leaves with 2 or more dimensions
   that no rule decided; ``guesses`` the leaves whose layout a preset guessed
-  (marked ``?`` in the table); ``unused_rules`` the user rules that decided no leaf.
+  (their axes marked ``?`` in the table); ``undecided`` the leaves of 2 or more
+  dimensions left unchanged because neither the model's program nor the preset
+  could say what they are (marked ``?``); ``unused_rules`` the user rules that
+  decided no leaf. ``strict=True`` refuses all four.
   """
 
   rows: tuple[Row, ...]
@@ -76,6 +80,10 @@ class Plan:
     return tuple(r for r in self.rows if r.guess)
 
   @property
+  def undecided(self) -> tuple[Row, ...]:
+    return tuple(r for r in self.rows if r.undecided)
+
+  @property
   def unused_rules(self) -> tuple[rules_lib.Rule, ...]:
     used = {r.rule for r in self.rows}
     return tuple(rule for rule in self.rules if rule.user and rule not in used)
@@ -93,7 +101,7 @@ class Plan:
         r.path or "<root>",
         str(r.shape),
         str(r.dtype),
-        "-" if r.axes is None else str(r.axes) + ("?" if r.guess else ""),
+        ("?" if r.undecided else "-") if r.axes is None else str(r.axes) + "?" * r.guess,
         r.decided_by,
       )
       for r in self.rows
@@ -109,20 +117,25 @@ class Plan:
       f"{len(self.rows)} leaves: {len(centred)} centred ({size:,} parameters), "
       f"{len(self.rows) - len(centred)} unchanged"
     )
+    derived = any(r.table is not None for r in self.rules)
+    fix = "give them rules of your own" if derived else "optax_gc.rules_for(model) reads them"
     if self.guesses:
       lines.append(
-        f"?: {len(self.guesses)} layouts guessed (strict=True refuses them; "
-        "optax_gc.rules_for(model) reads them)"
+        f"(axes)?: {len(self.guesses)} layouts guessed (strict=True refuses them; {fix})"
+      )
+    if self.undecided:
+      lines.append(
+        f"?: {len(self.undecided)} leaves left unchanged, undecided (strict=True lists them; {fix})"
       )
     return "\n".join(lines)
 
 
-def make_plan(tree, rules: tuple[rules_lib.Rule, ...], remembered=None) -> Plan:
+def make_plan(tree, rules: tuple[rules_lib.Rule, ...]) -> Plan:
   """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, Flax boxes, scalars, keys)."""
   leaves, _, _ = tree_lib.flatten(tree)
-  decisions = tree_lib.decide_leaves(leaves, rules, remembered)
+  decisions = tree_lib.decide_leaves(leaves, rules)
   rows = tuple(
-    Row(leaf.path, leaf.shape, leaf.dtype, d.axes, d.reason, d.guess, d.rule)
+    Row(leaf.path, leaf.shape, leaf.dtype, d.axes, d.reason, d.guess, d.undecided, d.rule)
     for leaf, d in zip(leaves, decisions, strict=True)
   )
   return Plan(rows, rules)

@@ -1,12 +1,17 @@
-"""The presets: path-only guesses at each kernel's fan-in, for trees given without a model.
+"""The presets: path-only readings of each kernel's fan-in, for trees given without a model.
 
 A path says little about a layer (a stacked Dense kernel ``(L, in, out)`` looks
 like a 1-D conv kernel), so the presets are conservative: ``"flax"`` centres
 only leaves named ``kernel`` (linen, nnx) or ``w`` (Haiku), ``"torch"`` only
-``weight``. A kernel's layout is settled by its rank 2, by an attention name at
-rank 3, by a sibling bias (which holds the output axes and any stack axes in
-front), or by logical axis names that name a stack axis. Anything else is a
-guess, and says so: :func:`optax_gc.rules_for` reads the layout from the model.
+``weight``. A kernel's layout is settled by its rank 2, by a sibling bias
+(which holds the output axes and any stack axes in front), or by the logical
+axis names of a linen box that name a stack axis. Where the tree contradicts
+the layout (a 2-D kernel whose bias matches its input axis, a bias that fits no
+split of the kernel) the leaf is left unchanged and marked undecided; where
+nothing settles a rank above 2, the reading is a guess and says so. A leaf of 2
+or more dimensions with a name the preset does not know (neither a kernel nor a
+bias, norm or table name) is left unchanged and marked undecided too:
+:func:`optax_gc.rules_for` reads them all from the model.
 
 Each entry is ``(pattern, axes, label)``: the first whose pattern
 ``re.search``es the leaf's path decides; ``axes`` is as in a user rule, or a
@@ -27,12 +32,17 @@ NO_HINT = Hint()
 
 
 class Layout(NamedTuple):
-  """A preset's reading of one leaf: fan-in axes (None: unchanged), why, and whether guessed."""
+  """A preset's reading of one leaf: fan-in axes (None: unchanged), why, and how sure.
+
+  ``guess``: the axes are the preset's assumption; ``undecided``: left
+  unchanged because the preset cannot tell what the leaf is.
+  """
 
   axes: tuple[int, ...] | None
   label: str
   guess: bool = False
   conv: bool = False  # a conv kernel: what the conv-only presets keep
+  undecided: bool = False
 
 
 _ATTENTION_IN = ("query", "key", "value")
@@ -77,8 +87,18 @@ def kernel_layout(path: str, shape: tuple[int, ...], hint: Hint, *, torch: bool)
     return Layout(None, f"fewer than 2 dims{stacked}, unchanged")
   if len(k) == 2:
     label = ("(out, in) weight" if torch else "(in, out) kernel") + stacked
+    out_axis = 0 if torch else 1
+    if hint.bias is not None and hint.bias != (k[out_axis],) and hint.bias == (k[1 - out_axis],):
+      stored = "(in, out)" if torch else "(out, in)"
+      return Layout(
+        None,
+        f"its bias {hint.bias} fits axis {kept[1 - out_axis]}: stored {stored}?{stacked}",
+        undecided=True,
+      )
     return Layout((kept[1],) if torch else (kept[0],), label)
   from_bias = _from_bias(k, hint.bias, torch) if hint.bias is not None else None
+  if hint.bias is not None and from_bias is None:
+    return Layout(None, f"its bias {hint.bias} fits no split of {shape}{stacked}", undecided=True)
   if from_bias is not None:
     fan_in, ambiguous = from_bias
     label = f"{layout}, out axes from its bias {hint.bias}{stacked}"
@@ -111,8 +131,21 @@ def _torch(path, shape, hint):
   return kernel_layout(path, shape, hint, torch=True)
 
 
+def _unknown(path, shape, hint):
+  del path, hint
+  if len(shape) < 2:
+    return Layout(None, "not a kernel")
+  return Layout(None, "a name the preset does not know", undecided=True)
+
+
 _KERNEL = r"(^|/)(kernel|w)$"
 _WEIGHT = r"(^|/)weight$"
+# Leaf names that are never a neuron's weights: biases, norm scales and
+# offsets, batch statistics, embedding tables.
+_NOT_KERNEL = (
+  r"(?i)(^|/)(b|bias|[^/]*_bias|biases|scale|[^/]*_scale|offset|gamma|beta|mean|var|"
+  r"variance|average|running_mean|running_var|[^/]*embed[^/]*)$"
+)
 # PyTorch-layout leaves named "weight" that are not a layer's kernel.
 _TORCH_UNTOUCHED = (
   (r"(^|/)[^/]*embed[^/]*/weight$", None, "embedding"),
@@ -120,8 +153,13 @@ _TORCH_UNTOUCHED = (
 )
 
 PRESETS = {
-  "flax": ((_KERNEL, _flax, "kernel"), (r"", None, "not a kernel")),
-  "torch": _TORCH_UNTOUCHED + ((_WEIGHT, _torch, "weight"), (r"", None, "not a weight")),
+  "flax": (
+    (_KERNEL, _flax, "kernel"),
+    (_NOT_KERNEL, None, "not a kernel"),
+    (r"", _unknown, "unknown"),
+  ),
+  "torch": _TORCH_UNTOUCHED
+  + ((_WEIGHT, _torch, "weight"), (_NOT_KERNEL, None, "not a weight"), (r"", _unknown, "unknown")),
 }
 # The conv-only presets (the reference's "GCC") centre a kernel only where it
 # has 3 or more dims outside any stack and is not an attention kernel.

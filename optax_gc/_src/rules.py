@@ -22,28 +22,41 @@ _AXES_HELP = (
 )
 
 
+Kind = Literal["contraction", "table", "untouched", "conflict", "unread"]
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRule:
-  """A rule derived from a model by :func:`optax_gc.rules_for`: one leaf, by exact path.
+  """What :func:`optax_gc.rules_for` read of one leaf: its axes' roles and how it is used.
 
-  ``axes`` are the fan-in of a leaf of ``shape`` (None: unchanged); ``layer``
-  says which layer defines them. ``known=False`` records a parameter that no
-  known layer defines: it decides nothing, and ``explain`` says so.
+  ``axes`` is the fan-in GC averages over (None: unchanged): the axes a
+  contraction sums against the input. ``fan_out`` holds the axes that reach the
+  output, ``kept`` those kept apart (stack, batch, expert axes): together with
+  the fan-in they are every axis of a contracted leaf. ``kind`` says what
+  decided it: ``"contraction"``, ``"table"`` (looked up by data),
+  ``"untouched"`` (no contraction uses it: biases, scales), ``"conflict"``
+  (uses that disagree, an opaque kernel, contractions with constants only) or
+  ``"unread"`` (the forward pass never reads it); the last two are
+  :attr:`undecided`. ``how`` names the operation and where it stands.
   """
 
   path: str
   shape: tuple[int, ...]
   axes: tuple[int, ...] | None
-  layer: str
-  known: bool = True
-  guess: bool = False  # the stack axis was assumed: nothing in the model told it
+  kind: Kind = "contraction"
+  how: str = ""
+  fan_out: tuple[int, ...] = ()
+  kept: tuple[int, ...] = ()
   conv: bool = False  # a conv kernel: what the conv-only presets keep
 
+  @property
+  def undecided(self) -> bool:
+    """Whether the program could not say: left unchanged, and ``strict=True`` lists it."""
+    return self.kind in ("conflict", "unread")
+
   def __str__(self) -> str:
-    if not self.known:
-      return f"{self.path} {self.shape}: no rule ({self.layer})"
     axes = "unchanged" if self.axes is None else f"axes {self.axes}"
-    return f"{self.path} {self.shape}: {axes} ({self.layer})"
+    return f"{self.path} {self.shape}: {'undecided, ' * self.undecided}{axes} ({self.how})"
 
 
 class LayerRules(tuple):
@@ -57,8 +70,9 @@ class LayerRules(tuple):
     return "\n".join(map(str, self))
 
   def __repr__(self) -> str:
-    known = sum(r.known for r in self)
-    return f"LayerRules({known} leaves derived, {len(self) - known} not derived)"
+    centred = sum(r.axes is not None for r in self)
+    undecided = sum(r.undecided for r in self)
+    return f"LayerRules({len(self)} leaves: {centred} with a fan-in, {undecided} undecided)"
 
 
 RulesLike = Mapping[str, Axes] | Iterable[tuple[str, Axes] | LayerRule]
@@ -87,13 +101,15 @@ class Rule:
 class Decision:
   """What :func:`decide` chose for one leaf: the axes (None: unchanged) and why.
 
-  ``guess`` marks a layout that neither the path nor the tree settled.
+  ``guess`` marks axes that neither the path nor the tree settled;
+  ``undecided`` a leaf left unchanged because nothing could say what it is.
   """
 
   axes: tuple[int, ...] | None
   reason: str
   rule: Rule | None = None
   guess: bool = False
+  undecided: bool = False
 
 
 def _check_axes(axes, where: str) -> Axes:
@@ -233,12 +249,12 @@ def _from_layer(rule: Rule, derived: LayerRule, path: str, shape, conv_only: boo
   if derived.shape != shape:
     raise ValueError(
       f"Leaf {path!r} has shape {shape}, but rules_for derived its rule from a leaf of "
-      f"shape {derived.shape} ({derived.layer}). Derive the rules from the model whose "
+      f"shape {derived.shape} ({derived.how}). Derive the rules from the model whose "
       "parameters this tree holds."
     )
   if conv_only and derived.axes is not None and not derived.conv:
-    return Decision(None, f"{derived.layer}: not a conv kernel, unchanged", rule)
-  return Decision(derived.axes, derived.layer, rule, derived.guess)
+    return Decision(None, f"{derived.how}: not a conv kernel, unchanged", rule)
+  return Decision(derived.axes, derived.how, rule, undecided=derived.undecided)
 
 
 def decide(
@@ -268,13 +284,10 @@ def decide(
   if math.prod(shape) == 0:
     return Decision(None, "empty leaf: never centred")
   conv_only = any(r.preset in presets.CONV_ONLY for r in rules)
-  note = ""
   for rule in rules:
     if rule.table is not None:
       derived = rule.table.get(path)
-      if derived is not None and not derived.known:
-        note = f" (rules_for: {derived.layer})"
-      if derived is None or not derived.known:
+      if derived is None:
         continue
       decision = _from_layer(rule, derived, path, shape, conv_only)
     elif rule.pattern is None or not rule.pattern.search(path):
@@ -283,17 +296,21 @@ def decide(
       layout = rule.axes(path, shape, hint)
       axes = layout.axes if layout.conv or rule.preset not in presets.CONV_ONLY else None
       label = layout.label if axes is not None or layout.axes is None else "not a conv kernel"
-      decision = Decision(axes, f"{rule.preset}: {label}", rule, layout.guess and axes is not None)
+      decision = Decision(
+        axes,
+        f"{rule.preset}: {label}",
+        rule,
+        layout.guess and axes is not None,
+        layout.undecided and len(shape) >= 2,
+      )
     elif rule.axes is None:
       decision = Decision(None, rule.name, rule)
     else:
       decision = Decision(_resolve(rule, path, shape), rule.name, rule)
     if decision.axes is not None and len(decision.axes) == 0:
-      return Decision(None, f"{decision.reason} (no fan-in axis: unchanged){note}", rule)
+      return Decision(None, f"{decision.reason} (no fan-in axis: unchanged)", rule)
     if decision.axes is not None and math.prod(shape[a] for a in decision.axes) == 1:
       # A fan-in of one element is its own mean: GC would zero the gradient.
-      return Decision(None, f"{decision.reason} (fan-in of size 1: unchanged){note}", rule)
-    if note:
-      decision = dataclasses.replace(decision, reason=decision.reason + note)
+      return Decision(None, f"{decision.reason} (fan-in of size 1: unchanged)", rule)
     return decision
-  return Decision(None, "no rule matched" + note)
+  return Decision(None, "no rule matched")

@@ -82,7 +82,7 @@ def _check_args(strength, strict, on: On = "gradient") -> None:
     )
 
 
-def _check_tree(params, rules, strict: bool, remembered: dict) -> None:
+def _check_tree(params, rules, strict: bool) -> None:
   """The checks ``init`` runs: a flattened tree, and strict mode."""
   leaves = jax.tree_util.tree_leaves(params)
   if len(leaves) == 1 and leaves[0] is params and np.ndim(params) == 1:
@@ -94,10 +94,11 @@ def _check_tree(params, rules, strict: bool, remembered: dict) -> None:
     )
   if not strict:
     return
-  plan = make_plan(params, rules, remembered)
+  plan = make_plan(params, rules)
   problems = (
     [f"  leaf {r.path!r} {r.shape} {r.dtype}: no rule decided it" for r in plan.unmatched]
     + [f"  leaf {r.path!r} {r.shape} {r.dtype}: guessed ({r.decided_by})" for r in plan.guesses]
+    + [f"  leaf {r.path!r} {r.shape} {r.dtype}: undecided ({r.decided_by})" for r in plan.undecided]
     + [f"  {r.name}: matched no leaf" for r in plan.unused_rules]
   )
   if problems:
@@ -185,20 +186,13 @@ def centralize(
   compiled = rules_lib.compile_rules(rules, preset)
   _check_args(strength, strict)
 
-  # Logical axis names seen at init, by path: nnx.Optimizer calls init on
-  # Variables, which carry them, and update on plain arrays, which do not.
-  remembered = {}
-
   def init_fn(params):
-    remembered.update(tree_lib.names_seen(tree_lib.flatten(params)[0]))
-    _check_tree(params, compiled, strict, remembered)
+    _check_tree(params, compiled, strict)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    centred = tree_lib.map_fan_in(
-      lambda g, axes: centre(g, axes, strength), updates, compiled, remembered
-    )
+    centred = tree_lib.map_fan_in(lambda g, axes: centre(g, axes, strength), updates, compiled)
     return centred, state
 
   return optax.GradientTransformation(init_fn, update_fn)

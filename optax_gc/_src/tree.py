@@ -1,8 +1,10 @@
 """From a tree to one decision per leaf: the adapter ``centralize``, ``explain`` and strict use.
 
 Leaves may be arrays, ``jax.ShapeDtypeStruct``, Python scalars, PRNG keys, or
-arrays in Flax's boxes (linen ``Partitioned``, nnx ``Variable``), whose logical
-axis names can show a stack axis to the presets.
+arrays in Flax's boxes (linen ``Partitioned``, nnx ``Variable``). The logical
+axis names of a linen box can show a stack axis to the presets; an nnx
+Variable's are not read, because ``nnx.Optimizer`` hands ``update`` plain
+arrays: a decision must not depend on which of the two the transform is given.
 """
 
 import dataclasses
@@ -44,16 +46,15 @@ def box_types() -> tuple[type, ...]:
 
 
 def logical_names(box, ndim: int) -> tuple | None:
-  """A box's axis names if it has one name (or None) per dimension, else None.
+  """A linen box's axis names if it has one name (or None) per dimension, else None.
 
   A sharding spec shorter than the rank, or naming several mesh axes for one
   dimension, names mesh axes, not the layer's axes.
   """
-  nnx = sys.modules.get("flax.nnx")
-  if nnx is not None and isinstance(box, nnx.Variable):
-    names = tuple(nnx.get_partition_spec(box).get_value())
-  else:
-    names = tuple(getattr(box, "names", None) or ())
+  meta = sys.modules.get("flax.core.meta")
+  if meta is None or not isinstance(box, meta.AxisMetadata):
+    return None
+  names = tuple(getattr(box, "names", None) or ())
   if len(names) != ndim or not all(n is None or isinstance(n, str) for n in names):
     return None
   return names
@@ -111,37 +112,21 @@ def _hints(leaves: list[Leaf]) -> list[Hint]:
   return hints
 
 
-def decide_leaves(leaves: list[Leaf], rules, remembered=None) -> list[rules_lib.Decision]:
-  """Each leaf's decision, the one way: ``rules.decide`` with what the tree shows around it.
-
-  ``remembered`` maps paths to the ``(shape, names)`` seen at ``init``
-  (``nnx.Optimizer`` calls ``init`` on Variables, ``update`` on plain arrays).
-  """
-  if remembered:
-    leaves = [
-      dataclasses.replace(leaf, names=remembered[leaf.path][1])
-      if leaf.names is None and remembered.get(leaf.path, (None,))[0] == leaf.shape
-      else leaf
-      for leaf in leaves
-    ]
+def decide_leaves(leaves: list[Leaf], rules) -> list[rules_lib.Decision]:
+  """Each leaf's decision, the one way: ``rules.decide`` with what the tree shows around it."""
   return [
     rules_lib.decide(leaf.path, leaf.shape, leaf.dtype, rules, hint)
     for leaf, hint in zip(leaves, _hints(leaves), strict=True)
   ]
 
 
-def names_seen(leaves: list[Leaf]) -> dict[str, tuple]:
-  """``{path: (shape, names)}`` for the leaves whose box carries axis names."""
-  return {leaf.path: (leaf.shape, leaf.names) for leaf in leaves if leaf.names}
-
-
-def map_fan_in(fn, tree, rules, remembered=None):
+def map_fan_in(fn, tree, rules):
   """Applies ``fn(leaf, axes)`` to every leaf the rules give fan-in axes; others pass through.
 
   A boxed leaf stays in its box.
   """
   leaves, values, treedef = flatten(tree)
-  decisions = decide_leaves(leaves, rules, remembered)
+  decisions = decide_leaves(leaves, rules)
   out = [
     x if d.axes is None else jax.tree.map(lambda v, a=d.axes: fn(v, a), x)
     for x, d in zip(values, decisions, strict=True)

@@ -124,7 +124,8 @@ def init_model(config: ml_collections.ConfigDict, ds: data.Dataset, seed: int):
 def gc_rules(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple:
   """The config's ``gc_rules``, then the rules ``optax_gc.rules_for`` derives from its model."""
   model = nnx.eval_shape(lambda: build_model(config, ds, 0))
-  return (*config.gc_rules, *optax_gc.rules_for(model))
+  x = jax.ShapeDtypeStruct((2, *ds.x_train.shape[1:]), ds.x_train.dtype)
+  return (*config.gc_rules, *optax_gc.rules_for(model, x))
 
 
 def _stack(trees):
