@@ -102,7 +102,8 @@ class Decision:
   """What :func:`decide` chose for one leaf: the axes (None: unchanged) and why.
 
   ``guess`` marks axes that neither the path nor the tree settled;
-  ``undecided`` a leaf left unchanged because nothing could say what it is.
+  ``undecided`` a leaf left unchanged because nothing could say what it is;
+  ``derived`` is the :class:`LayerRule` that decided it, with its axes' roles.
   """
 
   axes: tuple[int, ...] | None
@@ -110,6 +111,7 @@ class Decision:
   rule: Rule | None = None
   guess: bool = False
   undecided: bool = False
+  derived: LayerRule | None = None
 
 
 def _check_axes(axes, where: str) -> Axes:
@@ -253,8 +255,8 @@ def _from_layer(rule: Rule, derived: LayerRule, path: str, shape, conv_only: boo
       "parameters this tree holds."
     )
   if conv_only and derived.axes is not None and not derived.conv:
-    return Decision(None, f"{derived.how}: not a conv kernel, unchanged", rule)
-  return Decision(derived.axes, derived.how, rule, undecided=derived.undecided)
+    return Decision(None, f"{derived.how}: not a conv kernel, unchanged", rule, derived=derived)
+  return Decision(derived.axes, derived.how, rule, undecided=derived.undecided, derived=derived)
 
 
 def decide(
@@ -308,9 +310,11 @@ def decide(
     else:
       decision = Decision(_resolve(rule, path, shape), rule.name, rule)
     if decision.axes is not None and len(decision.axes) == 0:
-      return Decision(None, f"{decision.reason} (no fan-in axis: unchanged)", rule)
+      reason = f"{decision.reason} (no fan-in axis: unchanged)"
+      return dataclasses.replace(decision, axes=None, reason=reason)
     if decision.axes is not None and math.prod(shape[a] for a in decision.axes) == 1:
       # A fan-in of one element is its own mean: GC would zero the gradient.
-      return Decision(None, f"{decision.reason} (fan-in of size 1: unchanged)", rule)
+      reason = f"{decision.reason} (fan-in of size 1: unchanged)"
+      return dataclasses.replace(decision, axes=None, reason=reason, guess=False)
     return decision
   return Decision(None, "no rule matched")
