@@ -52,25 +52,15 @@ test in tests/test_reference.py):
 """
 
 import numbers
-from typing import Any, Literal, TypedDict, Unpack
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from optax_gc._src import rules as rules_lib
 from optax_gc._src.transform import On, with_centralization
-
-
-class GCOptions(TypedDict, total=False):
-  """The keyword arguments every optimizer here passes to :func:`optax_gc.with_centralization`."""
-
-  rules: rules_lib.RulesLike
-  preset: rules_lib.Preset | None
-  strength: float | jax.Array
-  strict: bool
-  on: On
-
 
 AdamWReference = Literal["cifar", "algorithm_gc"]
 """The reference implementation's AdamW steps ``adamw_gc(reference=...)`` can take."""
@@ -78,9 +68,9 @@ AdamWReference = Literal["cifar", "algorithm_gc"]
 
 def _reference_adamw(
   learning_rate: optax.ScalarOrSchedule,
-  b1: float,
-  b2: float,
-  eps: float,
+  b1: ArrayLike,
+  b2: ArrayLike,
+  eps: ArrayLike,
   mu_dtype: Any | None,
   weight_decay: optax.ScalarOrSchedule,
   mask: Any,
@@ -143,23 +133,27 @@ def _check_reference(reference, eps_root, nesterov) -> None:
     )
 
 
-def _gc(tx, weight_decay, mask, gc: GCOptions) -> optax.GradientTransformationExtraArgs:
+def _gc(tx, weight_decay, mask, **gc) -> optax.GradientTransformationExtraArgs:
   """Coupled L2 (``g + wd * p``, the reference's order), then ``tx`` with GC."""
   tx = with_centralization(tx, **gc)
-  if not weight_decay:
-    return tx
+  if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
+    return tx  # the optimizer state is then exactly the optax namesake's
   return optax.chain(optax.add_decayed_weights(weight_decay, mask), tx)
 
 
 def sgd_gc(
   learning_rate: optax.ScalarOrSchedule,
-  momentum: float | None = None,
+  momentum: ArrayLike | None = None,
   nesterov: bool = False,
   accumulator_dtype: Any | None = None,
   *,
-  weight_decay: float = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
   mask: Any = None,
-  **gc: Unpack[GCOptions],
+  rules: rules_lib.RulesLike = (),
+  preset: rules_lib.Preset | None = "flax",
+  strength: float | jax.Array = 1.0,
+  strict: bool = False,
+  on: On = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.sgd`` with Gradient Centralization: coupled L2, GC, momentum, step.
 
@@ -172,9 +166,8 @@ def sgd_gc(
       reference's order; its default is also 0).
     mask: which leaves weight decay applies to (a pytree or a callable of the
       params, as in ``optax.add_decayed_weights``); None: all.
-    **gc: ``rules``, ``preset``, ``strength``, ``strict``, ``on``, as in
-      :func:`optax_gc.with_centralization` (``preset="flax_conv"``: GCC;
-      ``on="update"``: GC2).
+    rules, preset, strength, strict, on: as in :func:`optax_gc.with_centralization`
+      (``preset="flax_conv"``: GCC; ``on="update"``: GC2).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -196,21 +189,27 @@ def sgd_gc(
     Neural Networks <https://arxiv.org/abs/2004.01461>`_, 2020.
   """
   tx = optax.sgd(learning_rate, momentum, nesterov, accumulator_dtype)
-  return _gc(tx, weight_decay, mask, gc)
+  return _gc(
+    tx, weight_decay, mask, rules=rules, preset=preset, strength=strength, strict=strict, on=on
+  )
 
 
 def adam_gc(
   learning_rate: optax.ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ArrayLike = 0.9,
+  b2: ArrayLike = 0.999,
+  eps: ArrayLike = 1e-8,
+  eps_root: ArrayLike = 0.0,
   mu_dtype: Any | None = None,
   *,
   nesterov: bool = False,
-  weight_decay: float = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
   mask: Any = None,
-  **gc: Unpack[GCOptions],
+  rules: rules_lib.RulesLike = (),
+  preset: rules_lib.Preset | None = "flax",
+  strength: float | jax.Array = 1.0,
+  strict: bool = False,
+  on: On = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with Gradient Centralization: coupled L2, GC, then Adam.
 
@@ -219,9 +218,9 @@ def adam_gc(
     weight_decay: coupled L2 coefficient, added to the gradient before GC (the
       reference's ``Adam_GC``; its default is also 0).
     mask: which leaves weight decay applies to; None: all.
-    **gc: ``rules``, ``preset``, ``strength``, ``strict``, ``on``, as in
-      :func:`optax_gc.with_centralization` (``on="update"``, GC2, keeps the
-      fan-in mean of the weights fixed; GC on the gradient does not under Adam).
+    rules, preset, strength, strict, on: as in :func:`optax_gc.with_centralization`
+      (``on="update"``, GC2, keeps the fan-in mean of the weights fixed; GC on the
+      gradient does not under Adam).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -236,22 +235,28 @@ def adam_gc(
     0.0
   """
   tx = optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
-  return _gc(tx, weight_decay, mask, gc)
+  return _gc(
+    tx, weight_decay, mask, rules=rules, preset=preset, strength=strength, strict=strict, on=on
+  )
 
 
 def adamw_gc(
   learning_rate: optax.ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  eps_root: float = 0.0,
+  b1: ArrayLike = 0.9,
+  b2: ArrayLike = 0.999,
+  eps: ArrayLike = 1e-8,
+  eps_root: ArrayLike = 0.0,
   mu_dtype: Any | None = None,
   weight_decay: optax.ScalarOrSchedule = 1e-4,
   mask: Any = None,
   *,
   nesterov: bool = False,
   reference: AdamWReference | None = None,
-  **gc: Unpack[GCOptions],
+  rules: rules_lib.RulesLike = (),
+  preset: rules_lib.Preset | None = "flax",
+  strength: float | jax.Array = 1.0,
+  strict: bool = False,
+  on: On = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with Gradient Centralization: GC, Adam, then decoupled weight decay.
 
@@ -270,9 +275,9 @@ def adamw_gc(
       ``p -= lr / (1 - b1**t) * (m / (sqrt(v / (1 - b2**t)) + eps) + wd * p)``.
       Either keeps ``mask``, schedules and ``optax.adamw``'s state; neither
       takes ``nesterov=True`` or a nonzero ``eps_root`` (``ValueError``).
-    **gc: ``rules``, ``preset``, ``strength``, ``strict``, ``on``, as in
-      :func:`optax_gc.with_centralization` (``on="update"``, GC2: decay included
-      in what is centred, so the fan-in mean of the weights stays fixed).
+    rules, preset, strength, strict, on: as in :func:`optax_gc.with_centralization`
+      (``on="update"``, GC2: decay included in what is centred, so the fan-in mean
+      of the weights stays fixed).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state has
@@ -298,4 +303,4 @@ def adamw_gc(
     )
   else:
     tx = _reference_adamw(learning_rate, b1, b2, eps, mu_dtype, weight_decay, mask, reference)
-  return _gc(tx, 0.0, None, gc)
+  return _gc(tx, 0.0, None, rules=rules, preset=preset, strength=strength, strict=strict, on=on)

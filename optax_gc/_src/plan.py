@@ -70,6 +70,7 @@ class Plan:
       r
       for r in self.rows
       if r.rule is None
+      and not r.undecided
       and r.size > 0
       and jnp.issubdtype(r.dtype, jnp.floating)
       and len(r.shape) >= 2

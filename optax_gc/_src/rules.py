@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 from optax_gc._src import presets
 from optax_gc._src.presets import NO_HINT, Hint
@@ -114,20 +115,21 @@ class Decision:
   derived: LayerRule | None = None
 
 
+def _is_int(a) -> bool:
+  return isinstance(a, int | np.integer) and not isinstance(a, bool | np.bool_)
+
+
 def _check_axes(axes, where: str) -> Axes:
-  if axes is None or axes in _NAMED_AXES:
-    return axes
+  """The axes of a rule, checked; NumPy integers become ints (True and 1.0 are refused)."""
+  if axes is None or (isinstance(axes, str) and axes in _NAMED_AXES):
+    return axes  # type: ignore[return-value]  # one of the named axes
   if isinstance(axes, list):
     axes = tuple(axes)
-  if isinstance(axes, int) and not isinstance(axes, bool):
+  if _is_int(axes):
     raise ValueError(f"{where}: axes {axes!r} is a bare int; write a tuple: ({axes},).")
-  if (
-    not isinstance(axes, tuple)
-    or not axes
-    or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
-  ):
+  if not isinstance(axes, tuple) or not axes or not all(_is_int(a) for a in axes):
     raise ValueError(f"{where}: invalid axes {axes!r}; {_AXES_HELP}.")
-  return axes
+  return tuple(int(a) for a in axes)
 
 
 def _compile_pattern(pattern, where: str) -> re.Pattern:
@@ -186,10 +188,6 @@ def _compile(rules: tuple, preset: str | None) -> tuple[Rule, ...]:
   return tuple(compiled)
 
 
-def _hashable(axes):
-  return tuple(axes) if isinstance(axes, list) else axes
-
-
 def compile_rules(rules: RulesLike = (), preset: Preset | None = "flax") -> tuple[Rule, ...]:
   """Validates user rules and appends the preset's; raises ``ValueError`` on bad input.
 
@@ -212,11 +210,22 @@ def compile_rules(rules: RulesLike = (), preset: Preset | None = "flax") -> tupl
       f"rules is the string {rules!r}; pass a sequence of (pattern, axes) pairs, "
       f"e.g. rules=[({rules!r}, (-2,))]."
     )
+  if rules is None:
+    rules = ()
   if isinstance(rules, Mapping):
     rules = rules.items()
+  if not isinstance(rules, Iterable):
+    raise TypeError(
+      f"rules={rules!r}: give a sequence of (pattern, axes) pairs, e.g. "
+      'rules=[(r"layers/.*/kernel$", (-2,))], the rules of optax_gc.rules_for(model, x), '
+      "or () for none."
+    )
+  # The axes are checked before the cache: (True,) and (1,) are equal keys to it.
   items = tuple(
-    (item[0], _hashable(item[1])) if isinstance(item, (tuple, list)) and len(item) == 2 else item
-    for item in rules
+    (item[0], _check_axes(item[1], f"rules[{i}] {item[0]!r}"))
+    if isinstance(item, (tuple, list)) and len(item) == 2
+    else item
+    for i, item in enumerate(rules)
   )
   try:
     return _compile(items, preset)
@@ -283,6 +292,9 @@ def decide(
   """
   if not jnp.issubdtype(dtype, jnp.floating):
     return Decision(None, f"{dtype} leaf: never centred")
+  if jnp.dtype(dtype).itemsize < 2:
+    # float8 and narrower: jax promotes them to nothing wider implicitly.
+    return Decision(None, f"{dtype} leaf: GC takes float16 or wider, unchanged", undecided=True)
   if math.prod(shape) == 0:
     return Decision(None, "empty leaf: never centred")
   conv_only = any(r.preset in presets.CONV_ONLY for r in rules)

@@ -8,11 +8,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from optax_gc._src import rules as rules_lib
 from optax_gc._src import tree as tree_lib
 from optax_gc._src.fan_in import fan_in_sum
 from optax_gc._src.plan import make_plan
+
+
+def _saturate(x: jax.Array, *, big: float) -> jax.Array:
+  return jax.lax.clamp(jnp.asarray(-big, x.dtype), x, jnp.asarray(big, x.dtype))
+
+
+# ``x`` clamped to ``[-big, big]``, as a primitive that differentiation and
+# ``jax.linear_transpose`` treat as the identity it is on every representable
+# result: GC stays a linear map (its own transpose) with the overflow guard in.
+_saturate_p = Primitive("optax_gc_saturate")
+_saturate_p.def_impl(_saturate)
+_saturate_p.def_abstract_eval(lambda x, *, big: x)
+mlir.register_lowering(_saturate_p, mlir.lower_fun(_saturate, multiple_results=False))
+batching.defvectorized(_saturate_p)
+ad.deflinear(_saturate_p, lambda ct, *, big: [_saturate_p.bind(ct, big=big)])
 
 
 def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
@@ -21,14 +38,12 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   The mean is ``sum(g * 2**-k) * (2**k / n)`` with ``2**k >= n``: scaling by a
   power of two is exact, and the scaled sum cannot overflow, so a finite float32
   input near 1e37 keeps a finite, accurate mean (``jnp.mean`` overflows there).
-  The price is at the other end: float32 values below about ``2**(k - 126)``
-  (1e-34 for a fan-in of 4,608) become subnormal after the scaling, which
-  XLA:CPU flushes to zero, so a leaf made only of such tiny gradients gets a
-  less accurate mean (relative error 4e-5 at 1e-33, against 2e-6 unscaled).
-  Taking the unscaled sum too (a second row of the dot) and using it where
-  finite fixes that, but made GC+adamw 4-8% slower (docs/benchmark-notes.md).
-  The difference is clamped to the leaf dtype's finite range, where the exact
-  result (up to twice the largest input) is not representable. The sum
+  Values below about ``2**(k - 126)`` become subnormal after the scaling, which
+  XLA:CPU flushes to zero: a leaf made only of such tiny gradients gets a less
+  accurate mean. The difference is clamped to the leaf dtype's finite range,
+  where the exact result (up to twice the largest input) is not representable;
+  the clamp is a primitive that ``jax.linear_transpose`` and differentiation
+  see as the identity, so the map stays linear and symmetric. The sum
   (:func:`fan_in_sum`) reduces over ``axes`` and is broadcast back, never
   reshaped, so a sharded leaf only adds an all-reduce. A static ``strength`` of
   1.0 adds no multiply; any other scales the small mean.
@@ -39,6 +54,7 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
     [[-1.  2.]
      [ 1. -2.]]
   """
+  g = jnp.asarray(g)  # a NumPy float64 leaf is float32 to jax when x64 is off
   compute = jnp.promote_types(g.dtype, jnp.float32)
   x = g if g.dtype == compute else g.astype(compute)
   n = math.prod(g.shape[a] for a in axes)
@@ -47,8 +63,8 @@ def centre(g: jax.Array, axes: tuple[int, ...], strength=1.0) -> jax.Array:
   if not (isinstance(strength, numbers.Real) and strength == 1.0):
     mean = mean * jnp.asarray(strength, compute)
   kept = tuple(d for d in range(g.ndim) if d not in axes)
-  big = np.asarray(jnp.finfo(g.dtype).max, compute)
-  out = jax.lax.clamp(-big, x - jax.lax.broadcast_in_dim(mean, g.shape, kept), big)
+  big = float(jnp.finfo(g.dtype).max)
+  out = _saturate_p.bind(x - jax.lax.broadcast_in_dim(mean, g.shape, kept), big=big)
   return out if out.dtype == g.dtype else out.astype(g.dtype)
 
 
@@ -56,22 +72,27 @@ On = Literal["gradient", "update"]
 
 
 def _check_args(strength, strict, on: On = "gradient") -> None:
-  """The arguments ``centralize`` and ``with_centralization`` take beside the rules."""
-  if isinstance(strength, numbers.Real) and not isinstance(strength, bool):
-    if not 0.0 <= float(strength) <= 1.0:
-      raise ValueError(
-        f"strength={strength!r} is outside [0, 1]; 1.0 is the paper's GC and 0.0 the "
-        "identity. To ramp GC in, schedule it: "
-        "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
-      )
-  elif not (
+  """The arguments ``centralize`` and ``with_centralization`` take beside the rules.
+
+  A ``strength`` array is checked like a float where its value is known (not
+  traced): ``inject_hyperparams`` hands the transform traced values inside a step.
+  """
+  is_float = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
+  is_array = (
     isinstance(strength, jax.Array | np.ndarray)
     and np.ndim(strength) == 0
     and jnp.issubdtype(strength.dtype, jnp.floating)
-  ):
+  )
+  if not (is_float or is_array):
     raise TypeError(
       f"strength={strength!r}: give a float in [0, 1] (1.0 is the paper's GC, 0.0 the "
       "identity) or a scalar float array; to schedule it, use "
+      "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
+    )
+  if not isinstance(strength, jax.core.Tracer) and not 0.0 <= float(strength) <= 1.0:
+    raise ValueError(
+      f"strength={strength!r} is outside [0, 1] (or not a number); 1.0 is the paper's GC "
+      "and 0.0 the identity. To ramp GC in, schedule it: "
       "optax.inject_hyperparams(optax_gc.centralize)(strength=schedule)."
     )
   if not isinstance(strict, bool):
