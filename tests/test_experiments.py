@@ -118,6 +118,8 @@ def test_python_dash_m_form(tmp_path):
   assert len(list((tmp_path / "runs").iterdir())) == 1
 
 
+# Where an input used to pass validation, the tiny run keeps a run that would crash short.
+TINY = ["--config.seeds=1", "--config.num_steps=2", "--config.eval_every=1"]
 BAD = {
   "unknown config": (["--config=nope"], "unknown config 'nope'"),
   "unknown field": (["--config.seed=3"], "unknown config field 'seed'; did you mean seeds?"),
@@ -136,6 +138,48 @@ BAD = {
   "bad sweep value": (["--sweep=seeds=1,x"], "seeds=x: expected an integer"),
   "bad sweep point": (["--sweep=seeds=0,1"], "sweep point seeds=0"),
   "sweep without values": (["--sweep=seeds"], "give FIELD=V1,V2"),
+  "another model's field": (
+    ["--config=mnist1d_cnn", "--config.model.kind=mlp", *TINY],
+    "--config.model.channels=25: model.kind=mlp takes no channels (it takes hidden); "
+    "use a config made for it, e.g. --config=mnist1d_mlp",
+  ),
+  "another data set's field": (
+    ["--config=mnist1d_cnn", "--config.dataset=digits", "--config.model.kind=cnn2d", *TINY],
+    "--config.data.num_samples=5000: dataset=digits takes no num_samples",
+  ),
+  "a sweep over models": (
+    ["--config=mnist1d_cnn", "--sweep=model.kind=cnn1d,mlp", *TINY],
+    "sweep point model.kind=mlp: --config.model.channels=25: model.kind=mlp takes no channels",
+  ),
+  "zero channels": (
+    ["--config=mnist1d_cnn", "--config.model.channels=0", *TINY],
+    "--config.model.channels=0: must be an integer >= 1, e.g. 25",
+  ),
+  "negative channels": (
+    ["--config=mnist1d_cnn", "--config.model.channels=-3", *TINY],
+    "--config.model.channels=-3: must be an integer >= 1",
+  ),
+  "no samples": (
+    ["--config.data.num_samples=0", *TINY],
+    "--config.data.num_samples=0: must be an integer >= 10, e.g. 5000",
+  ),
+  "heads that do not divide the width": (
+    ["--config=mnist1d_transformer", "--config.model.num_heads=5", *TINY],
+    "--config.model.num_heads=5: must divide d_model=32",
+  ),
+  "a batch larger than the data": (
+    ["--config=mnist1d_mlp", "--config.batch_size=4001", *TINY],
+    "--config.batch_size=4001: larger than the training set (4000 examples)",
+  ),
+  "no time limit": (["--max_minutes=nan"], "--max_minutes=nan: must be a number >= 0"),
+  "a name with a slash": (["--config.name=a/b", *TINY], "--config.name=a/b: must be a folder name"),
+  "a sweep of workdirs": (["--sweep=workdir=a,b"], "training does not read workdir here"),
+  "a sweep of names": (["--sweep=name=a,b"], "training does not read name here"),
+  "a sweep of progress": (["--sweep=progress=true,false"], "training does not read progress"),
+  "nesterov without momentum": (
+    ["--config.sgd.nesterov=true", "--config.sgd.momentum=0"],
+    "--config.sgd.nesterov=True needs momentum",
+  ),
 }
 
 
@@ -146,6 +190,31 @@ def test_bad_input_exits_2_and_writes_nothing(args, message, tmp_path, capsys):
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1
   assert not workdir.exists()
+
+
+BAD_FILES = {
+  "a dict": ("return {'name': 'mine'}", "get_config() returned a dict, not an ml_collections"),
+  "a field missing": (
+    "c = base_config()\n  del c['seeds']\n  return c",
+    "it lacks the field seeds; start get_config() from optax_gc.experiments.config.base_config()",
+  ),
+  "a field unknown": (
+    "c = base_config()\n  c.seed = 3\n  return c",
+    "the runner has no field seed (did you mean seeds?)",
+  ),
+}
+
+
+@pytest.mark.parametrize("body, message", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_a_config_file_of_another_shape_exits_2_naming_it(body, message, tmp_path, capsys):
+  path = tmp_path / "mine.py"
+  path.write_text(
+    "from optax_gc.experiments.config import base_config\n\n\ndef get_config():\n  " + body
+  )
+  assert cli.main([f"--config={path}", f"--workdir={tmp_path / 'work'}"]) == 2
+  err = capsys.readouterr().err
+  assert f"config file {str(path)!r}: {message}" in err and err.count("\n") == 1
+  assert not (tmp_path / "work").exists()
 
 
 def test_unwritable_workdir(tmp_path, capsys):
@@ -174,10 +243,10 @@ def _train(config, gc, steps=40):
   ds = data.load(config.dataset, **config.data)
   train_graph, eval_graph, params, rest = train.init_seeds(config, ds, [0])
   tx = train.make_optimizer(config, gc)
-  train_chunk, _ = train.make_functions(train_graph, eval_graph, tx)
+  train_steps, _ = train.make_functions(train_graph, eval_graph, tx)
   idx = train.batch_indices(len(ds.y_train), config.batch_size, steps, seed=0)[None]
   state = jax.vmap(tx.init)(params)
-  new = train_chunk(params, state, rest, ds.x_train, ds.y_train, idx)[0]
+  new = train_steps(params, state, rest, ds.x_train, ds.y_train, idx, 0, steps)[0]
   return jax.tree.map(lambda a: a[0], params), jax.tree.map(lambda a: a[0], new)
 
 

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -108,32 +106,9 @@ def test_sweep_summary_against_numpy():
   assert s["arms"]["baseline"]["no_divergence"] == [{"x": 0}]
 
 
-def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path):
-  # A long run; the interrupt is sent once training shows progress, so it lands in training.
-  args = ["--config=mnist1d_mlp", "--config.seeds=1", "--config.num_steps=200000"]
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "optax_gc.experiments", *args, f"--workdir={tmp_path}"],
-    cwd=tmp_path,
-    stderr=subprocess.PIPE,
-    stdout=subprocess.PIPE,
-    text=True,
-  )
-  seen = ""
-  deadline = time.monotonic() + 120
-  while "step/s" not in seen and time.monotonic() < deadline and proc.poll() is None:
-    seen += proc.stderr.read(1)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=120)
-  err = seen + err
-  assert proc.returncode == 130, err
-  assert "Traceback" not in err
-  assert "interrupted at step" in err and "nothing was written" in err
-  assert list(tmp_path.iterdir()) == []
-
-
 def test_ctrl_c_in_a_sweep_keeps_the_finished_points(tmp_path, capsys, monkeypatch):
-  asked = iter([False] * 6 + [True] * 100)  # point 1 finishes (2 arms x 3 blocks), then Ctrl-C
-  monkeypatch.setattr(cli._CtrlC, "__call__", lambda self: next(asked))
+  # Ctrl-C once the first point is saved.
+  monkeypatch.setattr(cli._Stop, "__call__", lambda self: any(tmp_path.glob("*/points/000.json")))
   assert cli.main(_sweep_args(tmp_path)) == 130
   err = capsys.readouterr().err
   assert "interrupted; kept 1 finished point in" in err and err.count("\n") == 1

@@ -2,7 +2,7 @@
 
 import sys
 
-from optax_gc.experiments.cli import main
+from optax_gc.experiments import main
 
 __all__ = ["main"]
 

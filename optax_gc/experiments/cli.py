@@ -5,14 +5,18 @@ Flags follow the Flax examples (absl, ``ml_collections.config_flags``)::
   optax-gc-compare [--config=NAME_OR_PATH] [--config.FIELD=VALUE ...] [--workdir=DIR]
                    [--sweep=FIELD=V1,V2,... ...] [--max_minutes=M]
 
-Without ``--sweep`` it prints a summary table and names the folder it wrote
+Without ``--sweep`` it prints a summary table, then writes the folder it names
 (metrics.json, summary.md, gc_plan.txt, curves.png); with it, it trains at
 every point of the grid (see :mod:`optax_gc.experiments.sweep`). Bad input
 exits with status 2 and a one-line message, before anything is trained or
-written; Ctrl-C stops between two blocks of steps and exits with status 130,
-saying what was kept.
+written. Results that cannot be written (a full disk) exit with status 1 and a
+line naming the file, after the table is printed. Ctrl-C or SIGTERM stops
+within about a second, keeping what was evaluated (a single run's results up
+to its last evaluation, a sweep's finished points), and exits with status 130
+or 143; a second one quits at once.
 """
 
+import math
 import os
 import platform
 import shlex
@@ -22,9 +26,8 @@ import time
 
 from absl import flags
 
+from optax_gc.experiments import PROG
 from optax_gc.experiments import config as config_lib
-
-PROG = "optax-gc-compare"
 
 
 def _define(argv: list[str], config) -> flags.FlagValues:
@@ -94,8 +97,10 @@ def parse(argv: list[str]):
   if values.workdir is not None:
     with config.unlocked():
       config.workdir = values.workdir
-  if values.max_minutes < 0:
-    raise config_lib.UsageError(f"--max_minutes={values.max_minutes:g}: must be >= 0 (0: no limit)")
+  if not (math.isfinite(values.max_minutes) and values.max_minutes >= 0):
+    raise config_lib.UsageError(
+      f"--max_minutes={values.max_minutes:g}: must be a number >= 0 (0: no limit), e.g. 30"
+    )
   return config, values.sweep, values.max_minutes
 
 
@@ -109,30 +114,46 @@ def usage() -> str:
   )
 
 
-class _CtrlC:
-  """SIGINT asks training to stop between two blocks of steps (never inside XLA); twice quits."""
+class _Stop:
+  """Ctrl-C (SIGINT) or SIGTERM asks training to stop; a second one quits at once.
+
+  Training asks this object (``stop()``) between two calls into XLA, about
+  every second; the handler itself runs at once, since the main thread waits
+  for XLA on a lock (see ``train``). ``status`` is the exit status for the
+  signal received: 130 for Ctrl-C, 143 for SIGTERM.
+  """
+
+  NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
   def __init__(self):
-    self.requested = False
+    self.signal: int | None = None
 
   def __call__(self) -> bool:
-    return self.requested
+    return self.signal is not None
+
+  @property
+  def status(self) -> int:
+    return 128 + (self.signal or signal.SIGINT)
 
   def _handle(self, signum, frame):
-    if self.requested:
+    if self.signal is not None:
       print(f"\n{PROG}: quit; only what was already saved is kept", file=sys.stderr, flush=True)
-      os._exit(130)
-    self.requested = True
+      os._exit(128 + signum)
+    self.signal = signum
     print(
-      f"\n{PROG}: stopping after this block of steps (Ctrl-C again quits at once)", file=sys.stderr
+      f"\n{PROG}: {self.NAMES[signum]}: stopping, keeping what was evaluated "
+      "(Ctrl-C again quits at once)",
+      file=sys.stderr,
+      flush=True,
     )
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGINT, self._handle)
+    self._old = {s: signal.signal(s, self._handle) for s in self.NAMES}
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGINT, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 def _versions() -> dict:
@@ -153,16 +174,33 @@ def _versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the comparison or the sweep; returns the exit status (0; 2 bad input; 130 Ctrl-C)."""
+  """Runs the comparison or the sweep; returns the exit status.
+
+  0; 1 results not written; 2 bad input; 130 Ctrl-C; 143 SIGTERM.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help", "--helpfull") for a in argv):
     print(usage())
     return 0
-  with _CtrlC() as ctrl_c:  # from the start: a Ctrl-C while loading stops before training
-    return _run(argv, ctrl_c)
+  with _Stop() as stop:  # from the start: a Ctrl-C while loading stops before training
+    return _run(argv, stop)
 
 
-def _run(argv: list[str], ctrl_c: _CtrlC) -> int:
+def _tell(message: str) -> None:
+  print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _error(message: str) -> None:
+  _tell(f"error: {message}")
+
+
+def _warn(message: str) -> None:
+  from tqdm import tqdm
+
+  tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)  # keeps a progress bar whole
+
+
+def _run(argv: list[str], stop: _Stop) -> int:
   from optax_gc.experiments import report, sweep, train
 
   start = time.perf_counter()
@@ -172,22 +210,24 @@ def _run(argv: list[str], ctrl_c: _CtrlC) -> int:
     config_lib.check_writable(config.workdir)
     grid = sweep.parse(sweeps, config)
     if grid:
-      sweep.points(config, grid)  # every point's config is checked before any training
+      sweep.points(config, grid)  # every point's config is checked before the data loads
     else:
       dataset, plan = train.prepare(config)
   except config_lib.UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+    _error(str(e))
     return 2
   command = shlex.join([PROG, *argv])
   if grid:
-    return _sweep(config, grid, max_minutes, ctrl_c, command)
+    return _sweep(config, grid, max_minutes, stop, command)
   bar = train.progress_bar(train.steps_of(config), disable=not config.progress)
   try:
     with bar:
-      results = train.compare(config, dataset, bar, ctrl_c)
+      results = train.compare(config, dataset, bar, stop)
   except train.Interrupted as e:
-    print(f"{PROG}: interrupted at {e}; nothing was written", file=sys.stderr)
-    return 130
+    if e.results is None:
+      _tell(f"interrupted at {e}, before the first evaluation; nothing was written")
+      return stop.status
+    results = e.results
   results.update(
     config=config.to_dict(),
     target_loss=config.target_loss,
@@ -196,34 +236,50 @@ def _run(argv: list[str], ctrl_c: _CtrlC) -> int:
     wall_s=time.perf_counter() - start,
   )
   report.summarize(results)
-  run_dir, problems = report.write_run(results, config.workdir, str(plan))
-  print(report.text_table(results))
+  print(report.text_table(results), flush=True)  # shown before anything that can fail
+  try:
+    run_dir, problems = report.write_run(results, config.workdir, str(plan))
+  except report.WriteError as e:
+    _error(f"{e}; the table above is what is kept")
+    return 1
   for problem in problems:
-    print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    _warn(problem)
+  if results["stopped"]:
+    _tell(f"{results['stopped']}; kept the results up to there in {run_dir}/")
+    return stop.status
   print(f"Wrote {run_dir}/ in {results['wall_s']:.0f} s")
   return 0
 
 
-def _sweep(config, grid, max_minutes, ctrl_c, command) -> int:
-  from optax_gc.experiments import sweep, train
+def _sweep(config, grid, max_minutes, stop: _Stop, command) -> int:
+  from optax_gc.experiments import report, sweep, train
 
   try:
-    out, summary = sweep.run(
+    out, summary, error = sweep.run(
       config,
       grid,
       max_minutes=max_minutes,
-      interrupt=ctrl_c,
+      interrupt=stop,
       about={"command": command, "versions": _versions()},
+      log=_warn,
     )
+  except config_lib.UsageError as e:
+    _error(str(e))
+    return 2
+  except report.WriteError as e:
+    _error(f"{e}; nothing was trained")
+    return 1
   except train.Interrupted:
     done = len(list((sweep.folder(config, grid) / "points").glob("*.json")))
-    print(
-      f"{PROG}: interrupted; kept {done} finished point{'s' * (done != 1)} in "
-      f"{sweep.folder(config, grid)}/ (the same command continues from there)",
-      file=sys.stderr,
+    _tell(
+      f"interrupted; kept {done} finished point{'s' * (done != 1)} in "
+      f"{sweep.folder(config, grid)}/ (the same command continues from there)"
     )
-    return 130
-  print(sweep.text(summary))
+    return stop.status
+  print(sweep.text(summary), flush=True)
+  if error:
+    _error(error)
+    return 1
   print(f"Wrote {out}/ (sweep.json, sweep.png, points/)")
   return 0
 

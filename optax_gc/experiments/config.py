@@ -21,6 +21,7 @@ from pathlib import Path
 import ml_collections
 
 import optax_gc
+from optax_gc.experiments import data, models
 
 DATASETS = {
   "mnist1d": ("cnn1d", "mlp", "transformer", "resnet1d"),
@@ -32,7 +33,7 @@ PRESETS = ("flax", "flax_conv", "torch", "torch_conv", "none")
 
 
 class UsageError(Exception):
-  """Bad input from the command line or a config file: a one-line message."""
+  """Input the runner refuses before it trains: a one-line message naming it and the fix."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -139,7 +140,37 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise UsageError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
   if not callable(getattr(module, "get_config", None)):
     raise UsageError(f"config file {str(path)!r} defines no get_config(); add one")
-  return module.get_config()
+  config = module.get_config()
+  problem = _schema_problem(config)
+  if problem:
+    raise UsageError(
+      f"config file {str(path)!r}: {problem}; start get_config() from "
+      "optax_gc.experiments.config.base_config() and change its fields"
+    )
+  return config
+
+
+def _schema_problem(config) -> str | None:
+  """What keeps ``config`` from being a runner config (its fields are :func:`base_config`'s)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    return f"get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict"
+  base = base_config()
+  if not isinstance(config.get("model"), ml_collections.ConfigDict) or "kind" not in config.model:
+    return "it has no model.kind"
+  # model and data hold the model's and the data set's own arguments, checked by validate().
+  expected = [f for f in fields(base) if f.partition(".")[0] not in ("model", "data")]
+  given = [f for f in fields(config) if f.partition(".")[0] not in ("model", "data")]
+  missing = sorted(set(expected) - set(given))
+  if missing:
+    return f"it lacks the field{'s' * (len(missing) > 1)} {', '.join(missing)}"
+  unknown = sorted(set(given) - set(expected))
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], expected, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"the runner has no field {unknown[0]}{hint}"
+  if not isinstance(config.get("data"), ml_collections.ConfigDict):
+    return "it has no data group"
+  return None
 
 
 def fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -264,29 +295,67 @@ def validate(config: ml_collections.ConfigDict) -> None:
   def unit(v):
     return isinstance(v, (int, float)) and 0 <= v < 1
 
+  def name(v):
+    return isinstance(v, str) and v and not set(v) & {"/", "\\", "\0"} and v not in (".", "..")
+
+  check("name", name, "a folder name, without / or \\", "my_run")
   check("dataset", lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}", "mnist1d")
   kinds = DATASETS[config.dataset]
   check(
     "model.kind", lambda v: v in kinds, f"one of {', '.join(kinds)} for {config.dataset}", kinds[0]
   )
+  _check_arguments(config, "data", data.arguments(config.dataset), "dataset", config.dataset)
+  kind = config.model.kind
+  _check_arguments(config, "model", models.arguments(kind), "model.kind", kind)
   check("optimizer", lambda v: v in OPTIMIZERS, "sgd or adam", "adam")
   check("sgd.learning_rate", positive, "a positive number", 0.1)
   check("sgd.momentum", unit, "in [0, 1)", 0.9)
+  check("sgd.nesterov", lambda v: isinstance(v, bool), "true or false", False)
+  if config.optimizer == "sgd" and config.sgd.nesterov and not config.sgd.momentum:
+    raise UsageError(
+      "--config.sgd.nesterov=True needs momentum, but --config.sgd.momentum=0; "
+      "pass e.g. --config.sgd.momentum=0.9"
+    )
   check("adam.learning_rate", positive, "a positive number", 0.01)
   check("adam.b1", unit, "in [0, 1)", 0.9)
   check("adam.b2", unit, "in [0, 1)", 0.999)
   check("adam.eps", positive, "a positive number", 1e-8)
-  check("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number >= 0", 0.0)
+  check("weight_decay", lambda v: v == 0 or positive(v), "a number >= 0", 0.0)
   check("schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "cosine")
   for key, example in (("seeds", 5), ("num_steps", 6000), ("eval_every", 250), ("batch_size", 100)):
     check(key, count, "an integer >= 1", example)
   check("first_seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", 0)
   check("target_loss", positive, "a positive number", 0.1)
+  check("progress", lambda v: isinstance(v, bool), "true or false", True)
   check("gc_preset", lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}", "flax")
   try:
     optax_gc.centralize(tuple(config.gc_rules), preset=preset(config))
   except (ValueError, TypeError) as e:
     raise UsageError(f"--config.gc_rules={config.gc_rules!r}: {e}") from e
+
+
+def _check_arguments(config, group: str, allowed: dict, owner: str, value: str) -> None:
+  """Every field of ``config[group]`` must be an argument of the model or data set it builds."""
+  for field, given in config[group].items():
+    if field != "kind" and field not in allowed:
+      example = _config_for(owner, value)
+      fix = f"use a config made for it, e.g. --config={example}" if example else "drop the field"
+      raise UsageError(
+        f"--config.{group}.{field}={given!r}: {owner}={value} takes no {field} (it takes "
+        f"{', '.join(allowed) or 'nothing'}); {fix}"
+      )
+
+
+def _config_for(key: str, value: str) -> str | None:
+  """The name of a config whose ``key`` (dataset or model.kind) is ``value``, for a hint."""
+  for name in config_names():
+    try:
+      config = load(name)
+    except UsageError:
+      continue
+    if name != "default" and (config.dataset if key == "dataset" else config.model.kind) == value:
+      return name
+  return None
 
 
 def preset(config: ml_collections.ConfigDict) -> optax_gc.Preset | None:

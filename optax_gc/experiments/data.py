@@ -1,6 +1,7 @@
 """Datasets that install offline: MNIST-1D (generated) and scikit-learn's digits."""
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import numpy as np
@@ -30,6 +31,10 @@ def mnist1d(num_samples: int = 5000, seed: int = 42) -> Dataset:
   """
   from mnist1d.data import get_dataset_args, make_dataset
 
+  # make_dataset draws num_samples // 10 signals per digit and splits them 80/20.
+  ok = _integer(num_samples) and num_samples >= 10
+  _check("num_samples", num_samples, ok, "an integer >= 10", 5000)
+  _check("seed", seed, _integer(seed) and 0 <= seed < 2**32, "an integer in [0, 2**32)", 42)
   args = get_dataset_args()
   args.num_samples, args.seed = num_samples, seed
   # make_dataset seeds NumPy's global generator; leave the caller's state as it was.
@@ -62,6 +67,12 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
 
+  # A stratified split needs one image of each of the 10 digits on each side: in [0.01, 0.99],
+  # each side has more than 10 of the 1797 images.
+  ok = isinstance(test_fraction, float) and 0.01 <= test_fraction <= 0.99
+  _check("test_fraction", test_fraction, ok, "a number in [0.01, 0.99]", 0.2)
+  _check("seed", seed, _integer(seed) and 0 <= seed < 2**32, "an integer in [0, 2**32)", 0)
+
   x, y = load_digits(return_X_y=True)
   x_train, x_test, y_train, y_test = train_test_split(
     x, y, test_size=test_fraction, random_state=seed, stratify=y
@@ -74,14 +85,41 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   return Dataset(prep(x_train), y_train.astype(np.int32), prep(x_test), y_test.astype(np.int32), 10)
 
 
+def _integer(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(name: str, value, ok: bool, requirement: str, example) -> None:
+  if not ok:
+    raise ValueError(f"{name}={value!r}: must be {requirement}, e.g. {example!r}")
+
+
+LOADERS = {"mnist1d": mnist1d, "digits": digits}
+
+
+def arguments(name: str) -> dict:
+  """The arguments a config may give data set ``name`` (``config.data``'s fields), with defaults.
+
+  Example:
+    >>> arguments("digits")
+    {'test_fraction': 0.2, 'seed': 0}
+  """
+  return {n: p.default for n, p in inspect.signature(LOADERS[name]).parameters.items()}
+
+
 def load(name: str, **kwargs) -> Dataset:
   """Returns the dataset ``name`` ("mnist1d" or "digits") built with ``kwargs``.
+
+  A ``ValueError`` names an argument out of range, what it must be and an example.
 
   Example:
     >>> load("digits", test_fraction=0.5).x_test.shape
     (899, 8, 8, 1)
+    >>> load("mnist1d", num_samples=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_samples=0: must be an integer >= 10, e.g. 5000
   """
-  loaders = {"mnist1d": mnist1d, "digits": digits}
-  if name not in loaders:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(loaders)}")
-  return loaders[name](**kwargs)
+  if name not in LOADERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(LOADERS)}")
+  return LOADERS[name](**kwargs)

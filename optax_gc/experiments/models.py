@@ -1,5 +1,6 @@
 """Flax (nnx) models for the experiments, and a convolution that is fast on CPU."""
 
+import inspect
 import itertools
 import math
 from collections.abc import Sequence
@@ -103,6 +104,10 @@ class CNN2D(nnx.Module):
   """
 
   def __init__(self, size=8, channels=(16, 32), num_classes=10, *, rngs: nnx.Rngs):
+    if len(channels) != 2:
+      raise ValueError(
+        f"channels={channels!r}: must be two numbers, one per convolution, e.g. (16, 32)"
+      )
     self.conv1 = nnx.Conv(
       1, channels[0], (3, 3), padding=1, conv_general_dilated=matmul_conv, rngs=rngs
     )
@@ -192,6 +197,8 @@ class ResNet(nnx.Module):
   """
 
   def __init__(self, in_channels, channels=(16, 32, 64), num_classes=10, *, ndim, rngs):
+    if not channels:
+      raise ValueError("channels=(): must give one number per stage, e.g. (16, 32, 64)")
     self.ndim = ndim
     self.stem = _conv(in_channels, channels[0], ndim, 3, 1, rngs)
     self.stem_norm = _norm(channels[0], rngs)
@@ -251,6 +258,16 @@ class Transformer(nnx.Module):
     *,
     rngs: nnx.Rngs,
   ):
+    if length % patch_size:
+      divisors = [d for d in range(1, length + 1) if length % d == 0]
+      raise ValueError(
+        f"patch_size={patch_size}: must divide the input length {length}, e.g. one of {divisors}"
+      )
+    if d_model % num_heads:
+      raise ValueError(
+        f"num_heads={num_heads}: must divide d_model={d_model} (each head gets an equal share), "
+        f"e.g. {max(h for h in range(1, num_heads) if d_model % h == 0)}"
+      )
     self.patch_size = patch_size
     self.patch_proj = nnx.Linear(patch_size, d_model, rngs=rngs)
     init = nnx.initializers.normal(0.02)
@@ -277,28 +294,69 @@ class Transformer(nnx.Module):
     return self.head(self.norm(x).mean(axis=1))
 
 
+# The models by config name (``config.model.kind``).
+MODELS: dict[str, type[nnx.Module]] = {
+  "cnn1d": CNN1D,
+  "cnn2d": CNN2D,
+  "mlp": MLP,
+  "transformer": Transformer,
+  "resnet1d": ResNet,
+  "resnet2d": ResNet,
+}
+# Constructor arguments that ``make`` sets from the data (input shape, classes), not a config.
+_FROM_DATA = ("self", "length", "size", "in_features", "in_channels", "num_classes", "ndim", "rngs")
+
+
+def arguments(kind: str) -> dict:
+  """The arguments a config may give model ``kind`` (the fields of ``config.model``), with defaults.
+
+  Example:
+    >>> arguments("mlp"), arguments("cnn1d")
+    ({'hidden': (100, 100)}, {'channels': 25})
+  """
+  parameters = inspect.signature(MODELS[kind].__init__).parameters
+  return {name: p.default for name, p in parameters.items() if name not in _FROM_DATA}
+
+
+def _count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def make(kind: str, input_shape: tuple[int, ...], num_classes: int, seed: int, **kwargs):
   """Builds model ``kind`` (cnn1d, cnn2d, mlp, transformer, resnet1d, resnet2d) for ``input_shape``.
+
+  ``kwargs`` are the model's :func:`arguments`. Every size is checked first: a
+  ``ValueError`` names the argument, what it must be and an example.
 
   Example:
     >>> model = make("mlp", (40,), 10, seed=0, hidden=(8,))
     >>> model.head.kernel.shape
     (8, 10)
+    >>> make("cnn1d", (40,), 10, seed=0, channels=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: channels=0: must be an integer >= 1, e.g. 25
   """
+  if kind not in MODELS:
+    raise ValueError(f"unknown model {kind!r}; expected one of {', '.join(MODELS)}")
+  defaults = arguments(kind)
+  for name, value in kwargs.items():
+    default = defaults.get(name)
+    if isinstance(default, int) and not _count(value):
+      raise ValueError(f"{name}={value!r}: must be an integer >= 1, e.g. {default!r}")
+    if isinstance(default, tuple) and not (
+      isinstance(value, (tuple, list)) and all(_count(v) for v in value)
+    ):
+      raise ValueError(f"{name}={value!r}: must be a tuple of integers >= 1, e.g. {default!r}")
   rngs = nnx.Rngs(seed)
   if kind == "cnn1d":
     return CNN1D(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
   if kind == "cnn2d":
     return CNN2D(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
-  if kind == "mlp":
-    size = math.prod(input_shape)
-    return MLP(size, num_classes=num_classes, rngs=rngs, **kwargs)
   if kind == "transformer":
     return Transformer(input_shape[0], num_classes=num_classes, rngs=rngs, **kwargs)
-  if kind in ("resnet1d", "resnet2d"):
-    ndim = 1 if kind == "resnet1d" else 2
-    channels_in = 1 if len(input_shape) == ndim else input_shape[-1]
-    return ResNet(channels_in, num_classes=num_classes, ndim=ndim, rngs=rngs, **kwargs)
-  raise ValueError(
-    f"unknown model {kind!r}; expected cnn1d, cnn2d, mlp, transformer, resnet1d or resnet2d"
-  )
+  if kind == "mlp":
+    return MLP(math.prod(input_shape), num_classes=num_classes, rngs=rngs, **kwargs)
+  ndim = 1 if kind == "resnet1d" else 2
+  channels_in = 1 if len(input_shape) == ndim else input_shape[-1]
+  return ResNet(channels_in, num_classes=num_classes, ndim=ndim, rngs=rngs, **kwargs)

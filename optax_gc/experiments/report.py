@@ -6,16 +6,61 @@ and can draw their test accuracy curves side by side.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 VARIANT_NAMES = {"baseline": "no GC", "gc": "GC"}
 COLORS = {"baseline": "tab:blue", "gc": "tab:orange"}
+
+
+class WriteError(Exception):
+  """A file could not be written: the message names it and why. Nothing of it was left."""
+
+
+def write_atomic(path, content: str | bytes) -> None:
+  """Writes ``content`` to ``path`` whole or not at all.
+
+  It goes to a temporary file of a name no other process uses, in the same
+  folder, flushed to the disk, then renamed over ``path``: a reader, a crash,
+  a full disk or a second process never sees half a file. Raises
+  :class:`WriteError` naming ``path`` and the reason; the temporary file is
+  removed.
+
+  Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.json"
+    >>> write_atomic(path, "{}")
+    >>> path.read_text(), [p.name for p in path.parent.iterdir()]
+    ('{}', ['a.json'])
+  """
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+  try:
+    with open(tmp, "xb") as f:
+      f.write(content.encode() if isinstance(content, str) else content)
+      f.flush()
+      os.fsync(f.fileno())  # a full disk can first show here; the rename must come after
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise WriteError(f"{path} not written: {e.strerror or e}") from e
+
+
+def save_png(fig, path) -> None:
+  """Saves a matplotlib figure as a PNG at ``path``, whole or not at all (:func:`write_atomic`)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  write_atomic(path, buffer.getvalue())
 
 
 def mean_std(values) -> dict:
@@ -102,13 +147,19 @@ def diverged_cell(diverged_at: list) -> str:
 
 
 def rows(results: dict) -> list[list[str]]:
-  """Table rows for a summarized run: config, optimizer, GC, then the statistics."""
+  """Table rows for a summarized run: config, optimizer, GC, then the statistics.
+
+  A run stopped early has its config named with the last step it reached.
+  """
+  name = results["config"]["name"]
+  if results.get("stopped"):
+    name += f" (stopped at step {results['steps'][-1]})"
   out = []
   for variant, curves in results["variants"].items():
     s = curves["summary"]
     out.append(
       [
-        results["config"]["name"],
+        name,
         results["label"],
         VARIANT_NAMES[variant],
         pm(s["final_test_accuracy"], 100),
@@ -233,7 +284,7 @@ def plot_curves(results: dict, path) -> None:
     f"{results['config']['name']}: mean over {len(results['seeds'])} seeds, band = min-max, "
     "x = diverged"
   )
-  fig.savefig(path)
+  save_png(fig, path)
 
 
 def plot_grid(runs: list[dict], path) -> None:
@@ -256,7 +307,7 @@ def plot_grid(runs: list[dict], path) -> None:
     ax.set_visible(False)
   axes[0].legend(fontsize=7, loc="lower right")
   axes[0].set_ylabel("test accuracy %")
-  fig.savefig(path)
+  save_png(fig, path)
 
 
 def new_folder(workdir: str, base: str) -> Path:
@@ -274,31 +325,41 @@ def new_folder(workdir: str, base: str) -> Path:
 
 
 def write_run(results: dict, workdir: str, plan_text: str) -> tuple[Path, list[str]]:
-  """Writes metrics.json first, then summary.md, gc_plan.txt and curves.png, into a new folder.
+  """Writes metrics.json, then summary.md, gc_plan.txt and curves.png, into a new folder.
 
-  The metrics are what training produced; they are written before anything
-  that could fail for other reasons (a plot), and such a failure is returned,
-  not raised. Returns the folder, named ``{config}-{optimizer}-{time}``, and
-  the problems met after the metrics were written.
+  Each file is written whole or not at all (:func:`write_atomic`). The
+  metrics are what training produced: they come first, and when they or the
+  folder cannot be written, :class:`WriteError` is raised and no folder is
+  left. A later file that fails (a plot, a full disk) is returned as a
+  problem, not raised. Returns the folder, named ``{config}-{optimizer}-{time}``,
+  and those problems.
   """
   config = results["config"]
-  folder = new_folder(
-    workdir, f"{config['name']}-{config['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
-  )
-  (folder / "metrics.json").write_text(json.dumps(results, indent=1))
+  base = f"{config['name']}-{config['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
+  try:
+    folder = new_folder(workdir, base)
+  except OSError as e:
+    raise WriteError(f"{Path(workdir) / base} not created: {e.strerror or e}") from e
+  try:
+    write_atomic(folder / "metrics.json", json.dumps(results, indent=1))
+  except WriteError:
+    with contextlib.suppress(OSError):
+      folder.rmdir()  # empty: nothing was written into it
+    raise
+  stopped = f"\nStopped early: {results['stopped']}.\n" if results.get("stopped") else ""
+  summary = f"`{results['command']}`\n\n{markdown_table([results])}\n{stopped}"
   problems = []
   for name, write in (
-    (
-      "summary.md",
-      lambda p: p.write_text(f"`{results['command']}`\n\n{markdown_table([results])}\n"),
-    ),
-    ("gc_plan.txt", lambda p: p.write_text(plan_text + "\n")),
+    ("summary.md", lambda p: write_atomic(p, summary)),
+    ("gc_plan.txt", lambda p: write_atomic(p, plan_text + "\n")),
     ("curves.png", lambda p: plot_curves(results, p)),
   ):
     try:
       write(folder / name)
-    except Exception as e:  # a plot or a full disk must not lose the metrics
-      problems.append(f"{name} not written: {type(e).__name__}: {e}")
+    except WriteError as e:
+      problems.append(str(e))
+    except Exception as e:  # a plot that fails must not lose the metrics
+      problems.append(f"{folder / name} not written: {type(e).__name__}: {e}")
   return folder, problems
 
 
@@ -317,7 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(d) / "metrics.json"
     if not path.is_file():
       parser.error(f"{d}: no metrics.json; give folders that optax-gc-compare wrote")
-    runs.append(summarize(json.loads(path.read_text())))
+    try:
+      runs.append(summarize(json.loads(path.read_text())))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+      parser.error(
+        f"{path} is not a metrics.json that optax-gc-compare wrote ({type(e).__name__}: {e}); "
+        "leave that folder out, or run its comparison again"
+      )
   print(markdown_table(runs))
   if args.png:
     plot_grid(runs, args.png)

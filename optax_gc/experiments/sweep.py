@@ -5,13 +5,18 @@ comparison at every point, the same seeds at each, so GC and no GC can be
 compared tuned against tuned. Each finished point is saved at once under
 ``points/`` in the sweep's folder, whose name comes from the config and the
 grid: the same command, run again, skips the finished points. The folder gets
-``sweep.json`` (every point's metrics and config) and ``sweep.png``.
+``sweep.json`` (every point's metrics and config) and ``sweep.png``. One
+process at a time runs a sweep in its folder.
 """
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import itertools
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from optax_gc.experiments import config as config_lib
-from optax_gc.experiments import report, train
+from optax_gc.experiments import data, report, train
 
 Grid = list[tuple[str, list]]
 
@@ -70,9 +75,12 @@ def points(
   """Every point of the grid: ``(values, config at that point)``, each config validated.
 
   Raises :class:`~optax_gc.experiments.config.UsageError` for a point whose
-  config is invalid, naming the point.
+  config is invalid, naming the point, and for two points that would train
+  alike (a swept field that training does not read, see
+  :func:`~optax_gc.experiments.train.settings`).
   """
-  out = []
+  out: list[tuple[dict, ml_collections.ConfigDict]] = []
+  seen: dict[str, dict] = {}
   for combo in itertools.product(*(values for _, values in grid)):
     values = dict(zip((f for f, _ in grid), combo, strict=True))
     c = copy.deepcopy(config)
@@ -83,7 +91,34 @@ def points(
       config_lib.validate(c)
     except config_lib.UsageError as e:
       raise config_lib.UsageError(f"sweep point {_label(values)}: {e}") from None
+    key = json.dumps(train.settings(c), sort_keys=True, default=repr)
+    if key in seen:
+      fields = ", ".join(f for f in values if values[f] != seen[key][f])
+      raise config_lib.UsageError(
+        f"sweep points {_label(seen[key])} and {_label(values)} would train alike: training "
+        f"does not read {fields} here; drop it from --sweep"
+      )
+    seen[key] = values
     out.append((values, c))
+  return out
+
+
+def _prepare(todo: list[tuple[dict, ml_collections.ConfigDict]]) -> list[data.Dataset]:
+  """Each point's data; first each point is checked against its data and model (train.prepare)."""
+  prepared: dict[str, data.Dataset] = {}
+  out = []
+  for values, c in todo:
+    # What train.prepare checks; a sweep of learning rates checks one model.
+    key = json.dumps(
+      [c.dataset, c.data.to_dict(), c.model.to_dict(), c.batch_size, c.gc_rules, c.gc_preset],
+      default=repr,
+    )
+    if key not in prepared:
+      try:
+        prepared[key] = train.prepare(c)[0]
+      except config_lib.UsageError as e:
+        raise config_lib.UsageError(f"sweep point {_label(values)}: {e}") from None
+    out.append(prepared[key])
   return out
 
 
@@ -100,9 +135,62 @@ def folder(config: ml_collections.ConfigDict, grid: Grid) -> Path:
 
 
 def _write_json(path: Path, value) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=1, default=float))
-  tmp.replace(path)  # a point is saved whole or not at all
+  report.write_atomic(path, json.dumps(value, indent=1, default=float))
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+  """Holds the sweep folder ``out`` for this process; another one that runs it refuses.
+
+  The lock is the kernel's (``flock`` on ``out/.lock``): it goes with its
+  holder, however that ends, so no dead process holds it. The file names the
+  holder, for the message.
+  """
+  try:
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+  except OSError as e:
+    raise report.WriteError(f"{out} not created: {e.strerror or e}") from e
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise config_lib.UsageError(
+        f"{out} is in use by {holder}, running the same sweep; let it finish or stop it, "
+        "then run this again"
+      ) from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    yield
+
+
+def _saved(path: Path, values: dict, config: ml_collections.ConfigDict, log) -> dict | None:
+  """The point saved at ``path``, or None: none saved, or damaged (said through ``log``)."""
+  if not path.exists():
+    return None
+  seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+  steps = train.eval_steps(config)
+  try:
+    r = json.loads(path.read_text())
+    same = (
+      r["values"] == json.loads(json.dumps(values))
+      and r["seeds"] == seeds
+      and r["steps"] == steps
+      and all(
+        np.asarray(r["variants"][v]["test_accuracy"], dtype=float).shape == (len(seeds), len(steps))
+        for v in train.VARIANTS
+      )
+    )
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    log(f"{path} is damaged ({type(e).__name__}: {e}); training that point again")
+    return None
+  if not same:
+    log(f"{path} holds another point's results; training that point again")
+    return None
+  return r
 
 
 def run(
@@ -113,59 +201,77 @@ def run(
   interrupt=lambda: False,
   about: dict | None = None,
   log=print,
-) -> tuple[Path, dict]:
-  """Runs every unfinished point; returns the sweep's folder and ``sweep.json``'s content.
+) -> tuple[Path, dict, str | None]:
+  """Runs every unfinished point; returns the sweep's folder, ``sweep.json``'s content and an error.
 
-  ``max_minutes`` (0: no limit) is the time guard: no point starts after it.
-  ``about`` (the command, versions) is written into ``sweep.json`` too.
-  Raises :class:`~optax_gc.experiments.train.Interrupted` when ``interrupt()``
-  says so, after saving what is finished.
+  Before anything is trained or written, every point's config is checked
+  against its data and model, and the folder is locked; either raises
+  :class:`~optax_gc.experiments.config.UsageError`. ``max_minutes`` (0: no
+  limit) is the time guard: no point starts after it. ``about`` (the command,
+  versions) is written into ``sweep.json`` too. Every file is written whole or
+  not at all. A saved point that is damaged is named through ``log`` and
+  trained again. A point that cannot be saved stops the sweep: the error (None
+  if there is none) names the file and why, and the summary still holds that
+  point. Raises :class:`~optax_gc.experiments.train.Interrupted` when
+  ``interrupt()`` says so, after saving what is finished.
   """
   todo = points(config, grid)
+  datasets = _prepare(todo)
   out = folder(config, grid)
-  (out / "points").mkdir(parents=True, exist_ok=True)
-  _write_json(out / "grid.json", {"config": config.to_dict(), "grid": grid})
-  start = time.perf_counter()
-  results: list[dict | None] = []
-  bar = train.progress_bar(sum(train.steps_of(c) for _, c in todo), disable=not config.progress)
-  stopped = None
-  with bar:
-    for i, (values, c) in enumerate(todo):
-      path = out / "points" / f"{i:03d}.json"
-      if path.exists():
-        results.append(json.loads(path.read_text()))
-        bar.update(train.steps_of(c))
-        continue
-      if max_minutes and time.perf_counter() - start > 60 * max_minutes:
-        stopped = f"--max_minutes={max_minutes:g} reached"
-        results.append(None)
-        continue
-      ds, _ = train.prepare(c)
-      c.name = f"{config.name} [{_label(values)}]"
-      r = train.compare(c, ds, bar, interrupt)
-      r.update(values=values, config=c.to_dict(), target_loss=c.target_loss)
-      report.summarize(r)
-      _write_json(path, r)
-      results.append(r)
-  done = [r for r in results if r is not None]
-  summary = (
-    summarize(grid, done)
-    | {
-      "complete": len(done) == len(todo),
-      "stopped": stopped,
-      "points_total": len(todo),
-      "config": config.to_dict(),
-      "grid": grid,
-      "wall_s": time.perf_counter() - start,
-    }
-    | (about or {})
-  )
-  _write_json(out / "sweep.json", summary)
-  try:
-    plot(summary, out / "sweep.png")
-  except Exception as e:  # the metrics are saved; a plot failing must not lose them
-    log(f"sweep.png not written: {type(e).__name__}: {e}")
-  return out, summary
+  with _locked(out):
+    _write_json(out / "grid.json", {"config": config.to_dict(), "grid": grid})
+    start = time.perf_counter()
+    results: list[dict | None] = []
+    stopped = error = None
+    bar = train.progress_bar(sum(train.steps_of(c) for _, c in todo), disable=not config.progress)
+    with bar:
+      for i, ((values, c), ds) in enumerate(zip(todo, datasets, strict=True)):
+        path = out / "points" / f"{i:03d}.json"
+        r = _saved(path, values, c, log)
+        if r is not None:
+          bar.update(train.steps_of(c))
+        elif stopped is None and max_minutes and time.perf_counter() - start > 60 * max_minutes:
+          stopped = f"--max_minutes={max_minutes:g} reached"
+        elif stopped is None:
+          c.name = f"{config.name} [{_label(values)}]"
+          r = train.compare(c, ds, bar, interrupt)
+          r.update(values=values, config=c.to_dict(), target_loss=c.target_loss)
+          report.summarize(r)
+          try:
+            _write_json(path, r)
+          except report.WriteError as e:
+            stopped, error = "a point could not be saved", str(e)
+        results.append(r)
+    done = [r for r in results if r is not None]
+    summary = (
+      summarize(grid, done)
+      | {
+        "complete": len(done) == len(todo) and error is None,
+        "stopped": stopped,
+        "points_total": len(todo),
+        "config": config.to_dict(),
+        "grid": grid,
+        "wall_s": time.perf_counter() - start,
+      }
+      | (about or {})
+    )
+    try:
+      _write_json(out / "sweep.json", summary)
+    except report.WriteError as e:
+      fix = "the table above holds the points, and the same command continues from the saved ones"
+      return out, summary, f"{error or e}; {fix}"
+    if error:
+      return out, summary, f"{error}; sweep.json holds it, and the same command trains it again"
+    try:
+      plot(summary, out / "sweep.png")
+    except Exception as e:  # the metrics are saved; a plot failing must not lose them
+      png = out / "sweep.png"
+      log(
+        str(e)
+        if isinstance(e, report.WriteError)
+        else f"{png} not written: {type(e).__name__}: {e}"
+      )
+    return out, summary, None
 
 
 def _finals(r: dict, variant: str) -> np.ndarray:
@@ -288,4 +394,4 @@ def plot(summary: dict, path) -> None:
     "x = a seed diverged",
     fontsize=9,
   )
-  fig.savefig(path)
+  report.save_png(fig, path)

@@ -7,9 +7,10 @@ recorded and its metrics from then on are what a diverged model gives (its
 test accuracy is measured as it is; its losses are NaN).
 """
 
+import math
 import sys
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,21 @@ from optax_gc.experiments import config as config_lib
 from optax_gc.experiments import data, models
 
 VARIANTS = ("baseline", "gc")
+# Training runs in calls of about this many seconds each: a stop asked for (Ctrl-C, SIGTERM)
+# is acted on between two calls, never inside XLA.
+SECONDS_PER_CALL = 0.25
 
 
 class Interrupted(Exception):
-  """Raised between two chunks of training steps after Ctrl-C (see ``cli``)."""
+  """Training stopped when asked to (Ctrl-C, SIGTERM; see ``cli``), between two calls into XLA.
+
+  ``results`` is what :func:`compare` returns, cut at the last evaluation both
+  variants reached, with ``stopped`` saying where; None if none was reached.
+  """
+
+  def __init__(self, where: str, results: dict | None = None):
+    super().__init__(where)
+    self.results = results
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
@@ -155,10 +167,14 @@ def _split(model: nnx.Module) -> tuple:
 
 
 def make_functions(train_graph, eval_graph, tx: optax.GradientTransformation):
-  """Jitted, vmapped over seeds: ``train_chunk`` (a scan over steps) and ``evaluate``.
+  """Jitted, vmapped over seeds: ``train_steps`` and ``evaluate``.
 
-  ``train_chunk(params, opt_state, rest, x, y, idx)`` returns the new params,
-  optimizer state and model state (batch statistics) and every step's loss.
+  ``train_steps(params, opt_state, rest, x, y, idx, start, stop)`` takes the
+  steps ``start`` to ``stop - 1`` of ``idx``, each a row of example indices.
+  ``start`` and ``stop`` are traced, so every range runs one compiled program.
+  It returns the new params, optimizer state and model state (batch
+  statistics), the sum of the steps' losses and the first step whose loss is
+  not finite (-1: none).
   """
 
   def loss_fn(params, rest, x, y):
@@ -167,35 +183,48 @@ def make_functions(train_graph, eval_graph, tx: optax.GradientTransformation):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, _split(model)[2]
 
-  def chunk(params, opt_state, rest, x, y, idx):
-    def step(carry, batch):
-      params, opt_state, rest = carry
+  def steps(params, opt_state, rest, x, y, idx, start, stop):
+    def step(i, carry):
+      params, opt_state, rest, total, bad = carry
       (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, rest, x[batch], y[batch]
+        params, rest, x[idx[i]], y[idx[i]]
       )
       updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state, rest), loss
+      bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), i, bad)
+      return optax.apply_updates(params, updates), opt_state, rest, total + loss, bad
 
-    (params, opt_state, rest), losses = jax.lax.scan(step, (params, opt_state, rest), idx)
-    return params, opt_state, rest, losses
+    carry = (params, opt_state, rest, jnp.float32(0), jnp.int32(-1))
+    return jax.lax.fori_loop(start, stop, step, carry)
 
   def evaluate(params, rest, x, y):
     logits = nnx.merge(eval_graph, params, rest, copy=True)(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (logits.argmax(-1) == y).mean()
 
-  train_chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None, None, 0)))
-  return train_chunk, jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+  train_steps = jax.jit(jax.vmap(steps, in_axes=(0, 0, 0, None, None, 0, None, None)))
+  return train_steps, jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
 
 
 def prepare(config: ml_collections.ConfigDict):
-  """Loads the data and checks the GC rules against the model, before any training.
+  """Loads the data and checks the config against it and the model, before any training.
 
   Returns ``(dataset, plan)``; raises :class:`~optax_gc.experiments.config.UsageError`
-  when a GC rule names an axis a parameter lacks or matches no parameter.
+  for a data or model field out of range, a batch larger than the training set,
+  or a GC rule that names an axis a parameter lacks or matches no parameter.
   """
-  ds = data.load(config.dataset, **config.data)
-  _, params, _ = init_model(config, ds, config.first_seed)
+  try:
+    ds = data.load(config.dataset, **config.data)
+  except ValueError as e:
+    raise config_lib.UsageError(f"--config.data.{e}") from None
+  if config.batch_size > len(ds.y_train):
+    raise config_lib.UsageError(
+      f"--config.batch_size={config.batch_size}: larger than the training set "
+      f"({len(ds.y_train)} examples); pass e.g. --config.batch_size={min(100, len(ds.y_train))}"
+    )
+  try:
+    _, params, _ = init_model(config, ds, config.first_seed)
+  except ValueError as e:
+    raise config_lib.UsageError(f"--config.model.{e}") from None
   rules = gc_rules(config, ds)
   try:
     plan = optax_gc.explain(params, rules, preset=config_lib.preset(config))
@@ -210,88 +239,141 @@ def prepare(config: ml_collections.ConfigDict):
   return ds, plan
 
 
-def _first_nonfinite(losses: np.ndarray) -> int | None:
-  bad = np.flatnonzero(~np.isfinite(losses))
-  return int(bad[0]) if bad.size else None
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """The fields that training depends on: two configs with the same ones train alike.
 
-
-def train_arm(
-  config: ml_collections.ConfigDict,
-  ds: data.Dataset,
-  seeds: list[int],
-  initial: tuple,
-  tx: optax.GradientTransformation,
-  on_chunk: Callable[[int, float], None] = lambda steps, accuracy: None,
-  interrupt: Callable[[], bool] = lambda: False,
-) -> dict:
-  """Trains every seed with ``tx`` from ``initial`` (:func:`init_seeds`'s); returns the curves.
-
-  The curves have one list per seed, and each seed's divergence step.
-  ``on_chunk(steps, mean test accuracy)`` is called after each block of
-  ``eval_every`` steps; ``interrupt()`` is asked before each, and raises
-  :class:`Interrupted` when it says so.
+  Example:
+    >>> from optax_gc.experiments.config import base_config
+    >>> a, b = base_config(), base_config()
+    >>> b.name, b.sgd.learning_rate = "other", 0.5  # the config trains with adam
+    >>> settings(a) == settings(b)
+    True
   """
-  train_graph, eval_graph, params, rest = initial
-  train_chunk, evaluate = make_functions(train_graph, eval_graph, tx)
-  x, y, x_test, y_test = (jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
-  idx = np.stack(
-    [batch_indices(len(ds.y_train), config.batch_size, config.num_steps, s) for s in seeds]
+  unused = {"name", "workdir", "progress", "target_loss"} | (
+    set(config_lib.OPTIMIZERS) - {config.optimizer}
   )
-  opt_state = jax.vmap(tx.init)(params)
-  curves: dict = {k: [[] for _ in seeds] for k in ("train_loss", "test_loss", "test_accuracy")}
-  diverged: list[int | None] = [None] * len(seeds)
-  start_time = time.perf_counter()
-  for start in range(0, config.num_steps, config.eval_every):
-    if interrupt():
-      raise Interrupted(f"step {start} of {config.num_steps}")
-    stop = min(start + config.eval_every, config.num_steps)
-    params, opt_state, rest, losses = train_chunk(
-      params, opt_state, rest, x, y, jnp.asarray(idx[:, start:stop])
-    )
-    test_loss, accuracy = evaluate(params, rest, x_test, y_test)
-    losses, test_loss, accuracy = (np.asarray(a) for a in (losses, test_loss, accuracy))
-    for i in range(len(seeds)):
-      first = _first_nonfinite(losses[i])
-      if diverged[i] is None and first is not None:
-        diverged[i] = start + first + 1
-      curves["train_loss"][i].append(float(losses[i].mean()))
-      curves["test_loss"][i].append(float(test_loss[i]))
-      curves["test_accuracy"][i].append(float(accuracy[i]))
-    on_chunk(stop - start, float(accuracy.mean()))
-  curves["diverged_at"] = diverged
-  curves["wall_s"] = time.perf_counter() - start_time
-  return curves
+  return {k: v for k, v in config.to_dict().items() if k not in unused}
+
+
+def eval_steps(config: ml_collections.ConfigDict) -> list[int]:
+  """The steps after which the test set is evaluated: every ``eval_every``, and the last.
+
+  Example:
+    >>> from optax_gc.experiments.config import base_config
+    >>> c = base_config()
+    >>> c.num_steps, c.eval_every = 25, 10
+    >>> eval_steps(c)
+    [10, 20, 25]
+  """
+  starts = range(0, config.num_steps, config.eval_every)
+  return [min(s + config.eval_every, config.num_steps) for s in starts]
+
+
+class _Arm:
+  """One variant's training of every seed: its state, and its curves up to the last evaluation."""
+
+  def __init__(self, initial: tuple, tx: optax.GradientTransformation, num_seeds: int):
+    train_graph, eval_graph, self.params, self.rest = initial
+    self.train_steps, self.evaluate = make_functions(train_graph, eval_graph, tx)
+    self.opt_state = jax.vmap(tx.init)(self.params)
+    self.curves: dict = {
+      k: [[] for _ in range(num_seeds)] for k in ("train_loss", "test_loss", "test_accuracy")
+    }
+    self.diverged: list[int | None] = [None] * num_seeds
+    self.wall_s = 0.0
+    self.seconds_per_step = math.inf  # measured from each call (the first also compiles)
+
+  def block(self, arrays: tuple, idx, start: int, count: int, interrupt, bar) -> bool:
+    """Trains the ``count`` steps from ``start`` (rows of ``idx``), then evaluates.
+
+    Returns False, leaving the curves as they were, if ``interrupt()`` says stop first.
+    """
+    x, y, x_test, y_test = arrays
+    began = time.perf_counter()
+    total, bad, done = np.zeros(len(self.diverged)), np.full(len(self.diverged), -1), 0
+    while done < count:
+      if interrupt():
+        return False
+      n = min(count - done, max(1, int(SECONDS_PER_CALL / self.seconds_per_step)))
+      call = time.perf_counter()
+      self.params, self.opt_state, self.rest, losses, first = _finish(
+        self.train_steps, self.params, self.opt_state, self.rest, x, y, idx, done, done + n
+      )
+      self.seconds_per_step = (time.perf_counter() - call) / n
+      total += np.asarray(losses, np.float64)
+      bad = np.where(bad < 0, np.asarray(first), bad)
+      done += n
+      if bar is not None:
+        bar.update(n)
+    test_loss, accuracy = _finish(self.evaluate, self.params, self.rest, x_test, y_test)
+    for i in range(len(self.diverged)):
+      if self.diverged[i] is None and bad[i] >= 0:
+        self.diverged[i] = start + int(bad[i]) + 1
+      self.curves["train_loss"][i].append(float(total[i] / count))
+      self.curves["test_loss"][i].append(float(test_loss[i]))
+      self.curves["test_accuracy"][i].append(float(accuracy[i]))
+    self.wall_s += time.perf_counter() - began
+    return True
+
+  def results(self, evaluations: int) -> dict:
+    curves = {k: [run[:evaluations] for run in runs] for k, runs in self.curves.items()}
+    return curves | {"diverged_at": list(self.diverged), "wall_s": self.wall_s}
+
+
+def _finish(fn, *args):
+  """``fn(*args)``, computed, on a helper thread.
+
+  The main thread only waits, and a thread waiting on a lock still runs Python's
+  signal handlers: a Ctrl-C is answered at once, where a wait inside XLA would
+  hold it until the call returned.
+  """
+  with ThreadPoolExecutor(1) as pool:
+    return pool.submit(lambda: jax.block_until_ready(fn(*args))).result()
 
 
 def compare(config: ml_collections.ConfigDict, ds: data.Dataset, bar=None, interrupt=None) -> dict:
   """Trains every seed with and without GC; returns the curves, ready for JSON.
 
   Each seed's initial weights and batch order are shared by both variants, so
-  the two runs of a seed differ only by GC. The test set is evaluated every
-  ``eval_every`` steps and at the end; ``train_loss`` at an evaluation is the
-  mean minibatch loss since the previous one. ``bar`` (a tqdm bar) advances by
-  the steps trained; ``interrupt()`` stops training between evaluations.
+  the two runs of a seed differ only by GC. The variants take turns, a block of
+  ``eval_every`` steps each, and the test set is evaluated after each block;
+  ``train_loss`` at an evaluation is the mean minibatch loss since the previous
+  one. ``bar`` (a tqdm bar) advances by the steps trained. ``interrupt()`` is
+  asked about every :data:`SECONDS_PER_CALL` seconds; when it says stop,
+  :class:`Interrupted` is raised with the curves up to the last evaluation.
   """
+  interrupt = interrupt or (lambda: False)
   seeds = list(range(config.first_seed, config.first_seed + config.seeds))
-  bounds = range(0, config.num_steps, config.eval_every)
-  steps = [min(s + config.eval_every, config.num_steps) for s in bounds]
+  steps = eval_steps(config)
   rules = gc_rules(config, ds)
   initial = init_seeds(config, ds, seeds)  # both variants start from the same weights
   label = optimizer_label(config)
-  curves = {}
-  for variant in VARIANTS:
-    tx = make_optimizer(config, variant == "gc", rules)
+  arms = {v: _Arm(initial, make_optimizer(config, v == "gc", rules), len(seeds)) for v in VARIANTS}
+  arrays = tuple(jnp.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+  idx = np.stack(
+    [batch_indices(len(ds.y_train), config.batch_size, config.num_steps, s) for s in seeds]
+  )
+  width = steps[0]  # every block's rows padded to one shape: one compiled program
+  if bar is not None:
+    bar.set_description(f"{config.name}: {label}, no GC and GC")
 
-    def on_chunk(n, accuracy, variant=variant):
-      if bar is not None:
-        bar.set_description(f"{config.name}: {label}{' + GC' if variant == 'gc' else ''}")
-        bar.set_postfix(test_acc=f"{accuracy:.3f}")
-        bar.update(n)
+  def results(evaluations: int) -> dict:
+    curves = {v: arm.results(evaluations) for v, arm in arms.items()}
+    return {"steps": steps[:evaluations], "seeds": seeds, "label": label, "variants": curves}
 
-    curves[variant] = train_arm(
-      config, ds, seeds, initial, tx, on_chunk, interrupt or (lambda: False)
-    )
-  return {"steps": steps, "seeds": seeds, "label": label, "variants": curves}
+  for n, stop in enumerate(steps):
+    start = n * width
+    block = np.zeros((len(seeds), width, config.batch_size), np.int32)
+    block[:, : stop - start] = idx[:, start:stop]
+    for arm in arms.values():
+      if not arm.block(arrays, jnp.asarray(block), start, stop - start, interrupt, bar):
+        where = f"step {start} of {config.num_steps}"
+        kept = results(n) | {"stopped": f"interrupted at {where}"} if n else None
+        raise Interrupted(where, kept)
+    if bar is not None:
+      base, gc = (np.mean([run[-1] for run in a.curves["test_accuracy"]]) for a in arms.values())
+      bar.set_postfix_str(f"test accuracy: no GC {base:.3f}, GC {gc:.3f}")
+  return results(len(steps)) | {"stopped": None}
 
 
 def progress_bar(total: int, disable: bool):
