@@ -16,11 +16,11 @@ import jax.numpy as jnp
 # ones, which stay in cache, keep the reduction (it traces and compiles faster).
 _DOT_MIN_SIZE = 2**16
 # Rows of the dot's constant operand, all equal: XLA:CPU hands a dot with 2 or
-# more rows to YNNPACK, which ran GC+adamw on the ResNet-50 pytree at 1.10x adamw
-# against 1.21x for its own 1-row matrix-vector product. The extra row costs
-# arithmetic, not memory traffic. Batched float32 dots (a scan's layer axis) keep
-# 1 row: there YNNPACK was slower (a (12, 768, 3072) leaf: 6.8 ms against 3.8 ms).
-# Batched bfloat16 dots keep 2: with 1, XLA:CPU converts the leaf to float32 first.
+# more rows to YNNPACK, its faster kernel here; the extra row costs arithmetic,
+# not memory traffic. Batched float32 dots (a scan's layer axis) keep 1 row,
+# where YNNPACK is the slower one; batched bfloat16 dots keep 2, because with 1
+# XLA:CPU converts the leaf to float32 first (docs/benchmark-notes.md has the
+# measurements).
 _ROWS = 2
 
 
@@ -72,10 +72,8 @@ def _fan_in_dot(g: jax.Array, axes: tuple[int, ...], scale: float) -> jax.Array:
 
   A dot of the leaf with a constant of ``scale`` reads the leaf once and writes
   nothing of its size. ``jnp.sum(g * scale, axes)`` does not on XLA:CPU (jax
-  0.10): it becomes a YNNPACK fusion that writes a full-size temporary (64 MiB
-  for the ResNet-50 update, against 0.8 MiB with the dot), an extra pass over
-  memory that made GC+adamw twice as slow as adamw (for bfloat16 leaves it
-  writes a float32 copy, twice the leaf's bytes). Kept axes before the fan-in
+  0.10): it becomes a fusion that writes a full-size temporary (a float32 copy
+  for bfloat16 leaves), an extra pass over memory. Kept axes before the fan-in
   become batch axes, so no operand is transposed. ``scale`` (a power of two) is
   exact in the constant, the products are exact, and the accumulation is in
   float32 or the leaf's wider dtype at ``Precision.HIGHEST``; the result has the
