@@ -683,3 +683,34 @@ def test_relative_position_table_read_through_a_one_hot_of_positions_is_a_table(
 
   rules = read(fn, {"rel": zeros(2, 7)}, zeros(2, 5, 4))
   assert rules["rel"].kind == "table" and rules["rel"].axes is None
+
+
+def test_features_computed_from_integer_data_are_data_not_a_one_hot():
+  """A diffusion model's sinusoidal embedding of an integer timestep, then a Dense."""
+
+  def fn(p, x, t):
+    freqs = jnp.exp(-jnp.arange(4.0))
+    emb = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], axis=-1)
+    return x @ p["w"] + emb @ p["time"]
+
+  rules = read(fn, {"w": zeros(3, 5), "time": zeros(8, 5)}, zeros(2, 3), zeros(2, dtype=jnp.int32))
+  assert rules["time"].kind == "contraction" and rules["time"].axes == (0,)
+
+
+def test_explain_shows_the_roles_rules_for_read():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.MultiHeadDotProductAttention(num_heads=2)(x), None
+
+  stack = nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
+  x = zeros(2, 5, 4)
+  params = jax.eval_shape(stack().init, KEY, x, None)
+  plan = optax_gc.explain(params, optax_gc.rules_for(stack(), x, None), roles=True)
+  out = plan["params/MultiHeadDotProductAttention_0/out/kernel"]  # (heads, L, head_dim, d)
+  assert (out.axes, out.fan_out, out.kept) == ((0, 2), (3,), (1,))
+  bias = plan["params/MultiHeadDotProductAttention_0/out/bias"]
+  assert bias.fan_out is None and bias.kept is None
+  header = str(plan).splitlines()[0].split()
+  assert header[4:6] == ["fan-out", "kept"]
+  assert "fan-out" not in str(optax_gc.explain(params))

@@ -2617,23 +2617,31 @@ def rules_for_case(optax_gc, case):
 
 
 def summary(optax_gc):
-  """Markdown table: per model, what the preset gets wrong (and how much of it silently),
-  what it marks as guesses, and what rules_for gets wrong."""
+  """Markdown table: per model, what rules_for gets wrong and leaves unchanged (and why), and
+  what the preset alone gets wrong without saying so."""
   lines = [
-    "| model | leaves | preset wrong | of which unmarked | preset guesses | rules_for wrong |",
-    "|---|---|---|---|---|---|",
+    "| model | leaves | rules_for wrong | unchanged: table | untouched | undecided "
+    "| preset wrong | of which unmarked |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for case in CASES:
     tree = case.params()
     shapes = {p: np.shape(leaf) for p, leaf in flat(tree).items()}
     want = {p: normalise(case.expected[p], shapes[p]) for p in shapes}
-    plan = optax_gc.explain(tree, preset=case.preset)
-    wrong = [p for p in want if plan[p].axes != want[p]]
-    silent = sum(not plan[p].guess for p in wrong)
-    guessed = sum(plan[p].guess for p in want)
-    plan = optax_gc.explain(tree, rules_for_case(optax_gc, case), preset=case.preset)
-    derived = str(sum(plan[p].axes != want[p] for p in want))
-    lines.append(f"| {case.name} | {len(want)} | {len(wrong)} | {silent} | {guessed} | {derived} |")
+    rules = rules_for_case(optax_gc, case)
+    plan = optax_gc.explain(tree, rules, preset=case.preset)
+    wrong = sum(plan[p].axes != want[p] for p in want)
+    kinds: dict[str, int] = {}
+    for p in want:
+      derived = plan[p].rule.table.get(p) if plan[p].rule and plan[p].rule.table else None
+      if plan[p].axes is None and derived is not None:
+        kind = "undecided" if derived.undecided else derived.kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    preset = optax_gc.explain(tree, preset=case.preset)
+    missed = [p for p in want if preset[p].axes != want[p]]
+    silent = sum(not (preset[p].guess or preset[p].undecided) for p in missed)
+    counts = " | ".join(str(kinds.get(k, 0)) for k in ("table", "untouched", "undecided"))
+    lines.append(f"| {case.name} | {len(want)} | {wrong} | {counts} | {len(missed)} | {silent} |")
   return "\n".join(lines)
 
 

@@ -24,10 +24,21 @@ class Row:
   guess: bool = False  # a preset guessed the layout: neither path nor tree settled it
   undecided: bool = False  # left unchanged: nothing could say what the leaf is
   rule: rules_lib.Rule | None = dataclasses.field(default=None, repr=False, compare=False)
+  derived: rules_lib.LayerRule | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def size(self) -> int:
     return math.prod(self.shape)
+
+  @property
+  def fan_out(self) -> tuple[int, ...] | None:
+    """The axes that reach the output, where :func:`optax_gc.rules_for` read a contraction."""
+    return self.derived.fan_out if self.derived and self.derived.kind == "contraction" else None
+
+  @property
+  def kept(self) -> tuple[int, ...] | None:
+    """The stack, batch and expert axes, where :func:`optax_gc.rules_for` read a contraction."""
+    return self.derived.kept if self.derived and self.derived.kind == "contraction" else None
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -45,6 +56,7 @@ class Plan:
 
   rows: tuple[Row, ...]
   rules: tuple[rules_lib.Rule, ...]
+  roles: bool = False  # str() shows the fan-out and kept axes too
   _by_path: dict[str, Row] = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
@@ -96,13 +108,15 @@ class Plan:
     return f"Plan({len(self.rows)} leaves: {centred} centred, {unchanged} unchanged{guessed})"
 
   def __str__(self) -> str:
-    header = ("path", "shape", "dtype", "axes", "decided by")
+    roles = ("fan-out", "kept") if self.roles else ()
+    header = ("path", "shape", "dtype", "axes", *roles, "decided by")
     cells = [header] + [
       (
         r.path or "<root>",
         str(r.shape),
         str(r.dtype),
         ("?" if r.undecided else "-") if r.axes is None else str(r.axes) + "?" * r.guess,
+        *((str(r.fan_out or "-"), str(r.kept or "-")) if self.roles else ()),
         r.decided_by,
       )
       for r in self.rows
@@ -131,19 +145,25 @@ class Plan:
     return "\n".join(lines)
 
 
-def make_plan(tree, rules: tuple[rules_lib.Rule, ...]) -> Plan:
+def make_plan(tree, rules: tuple[rules_lib.Rule, ...], roles: bool = False) -> Plan:
   """Decides every leaf of ``tree`` (arrays, ShapeDtypeStructs, Flax boxes, scalars, keys)."""
   leaves, _, _ = tree_lib.flatten(tree)
   decisions = tree_lib.decide_leaves(leaves, rules)
   rows = tuple(
-    Row(leaf.path, leaf.shape, leaf.dtype, d.axes, d.reason, d.guess, d.undecided, d.rule)
+    Row(
+      leaf.path, leaf.shape, leaf.dtype, d.axes, d.reason, d.guess, d.undecided, d.rule, d.derived
+    )
     for leaf, d in zip(leaves, decisions, strict=True)
   )
-  return Plan(rows, rules)
+  return Plan(rows, rules, roles)
 
 
 def explain(
-  tree, rules: rules_lib.RulesLike = (), *, preset: rules_lib.Preset | None = "flax"
+  tree,
+  rules: rules_lib.RulesLike = (),
+  *,
+  preset: rules_lib.Preset | None = "flax",
+  roles: bool = False,
 ) -> Plan:
   """Shows, for every leaf of ``tree``, which axes GC averages over and why.
 
@@ -158,6 +178,10 @@ def explain(
       rules, tried before the preset's; the plan names the layer each derived
       rule came from.
     preset: ``"flax"``, ``"torch"`` or None, as in :func:`optax_gc.centralize`.
+    roles: also show, for each leaf :func:`optax_gc.rules_for` read a
+      contraction of, the axes that reach the output (fan-out) and those kept
+      apart (stack, batch, expert axes); ``plan[path].fan_out`` and
+      ``.kept`` hold them whatever this says.
 
   Returns:
     A :class:`Plan`; ``print(plan)`` shows a table, ``plan[path].axes`` one leaf.
@@ -174,4 +198,4 @@ def explain(
     Embed_0/embedding  (10, 4)  float32  -     flax: not a kernel
     3 leaves: 1 centred (12 parameters), 2 unchanged
   """
-  return make_plan(tree, rules_lib.compile_rules(rules, preset))
+  return make_plan(tree, rules_lib.compile_rules(rules, preset), roles)

@@ -351,6 +351,8 @@ class Walk:
       )
     )
     label = (label & ~DISCRETE) | (DISCRETE if discrete else 0)
+    if label & INT and not discrete:  # sin(t * freqs) of an integer t: float data now
+      label = (label & ~INT) | FLOAT
     out = []
     for v in eqn.outvars:
       dtype = getattr(v.aval, "dtype", None)
