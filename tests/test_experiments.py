@@ -129,7 +129,7 @@ BAD = {
   ),
   "zero seeds": (["--config.seeds=0"], "--config.seeds=0: must be an integer >= 1"),
   "not a number": (["--config.num_steps=many"], "--config.num_steps=many"),
-  "bad optimizer": (["--config.optimizer=lamb"], "sgd or adam"),
+  "bad optimizer": (["--config.optimizer=lamb"], "sgd, adam or muon"),
   "bad rule": (["--config.gc_rules=(('(', (0,)),)"], "gc_rules"),
   "unused rule": (["--config.gc_rules=(('nothing$', (0,)),)"], "matched no parameter"),
   "bad flag": (["--seeds=3"], "Unknown command line flag 'seeds'"),

@@ -237,11 +237,9 @@ def _sub_jaxprs(eqn) -> list:
   return [p for p in eqn.params.values() if isinstance(p, (ClosedJaxpr, Jaxpr))]
 
 
-def _open(jaxpr) -> tuple[Jaxpr, int]:
-  """``(jaxpr, number of constants)`` of a closed or open jaxpr."""
-  if isinstance(jaxpr, ClosedJaxpr):
-    return jaxpr.jaxpr, len(jaxpr.consts)
-  return jaxpr, 0
+def _open(jaxpr) -> Jaxpr:
+  """The open jaxpr of a closed or open one: its constants are constants to the walk."""
+  return jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
 
 
 class Walk:
@@ -286,7 +284,7 @@ class Walk:
 
   def run(self, jaxpr, ins: Sequence[Val], live_out: Sequence[bool] | None = None) -> list[Val]:
     """Walks ``jaxpr`` (closed or open) given what its inputs are; returns its outputs'."""
-    jaxpr, _ = _open(jaxpr)
+    jaxpr = _open(jaxpr)
     env: dict = dict(zip(jaxpr.invars, ins, strict=True))
     if live_out is None:
       live_out = [True] * len(jaxpr.outvars)
@@ -309,7 +307,11 @@ class Walk:
         self._drop_products(vals, outs, eqn_live)
       else:
         outs = self._plain(eqn, vals)
-      if eqn.primitive.name in _REPLICATING and not any(o.replicated for o in outs):
+      if (
+        eqn.primitive.name in _REPLICATING
+        and not all(is_data(o.label) for o in outs)
+        and not any(o.replicated for o in outs)
+      ):
         outs = [
           dataclasses.replace(o, replicated=r) if r and not is_data(o.label) else o
           for o, r in zip(outs, _replicated(eqn, vals), strict=True)
@@ -673,7 +675,7 @@ class Walk:
 
   def _call(self, eqn, vals: list[Val], subs: list, live_vars: set) -> list[Val]:
     """A call of a sub-program whose inputs and outputs are the equation's own."""
-    jaxpr, _ = _open(subs[0])
+    jaxpr = _open(subs[0])
     if len(subs) != 1 or len(jaxpr.invars) != len(vals) or len(jaxpr.outvars) != len(eqn.outvars):
       return self._opaque(eqn, vals)
     where = _SHARD_MAP if eqn.primitive.name == "shard_map" else None

@@ -27,7 +27,8 @@ DATASETS = {
   "mnist1d": ("cnn1d", "mlp", "transformer", "resnet1d"),
   "digits": ("cnn2d", "mlp", "resnet2d"),
 }
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "muon")
+MUON_DIMS = ("derived", "default")
 SCHEDULES = ("constant", "cosine", "step")
 PRESETS = ("flax", "flax_conv", "torch", "torch_conv", "none")
 
@@ -52,11 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: `kind` is cnn1d, cnn2d, mlp, transformer, resnet1d or resnet2d; other fields go to
   # its constructor.
   c.model = ml_collections.ConfigDict({"kind": "cnn1d"})
-  # Optimizer: "sgd" (heavy-ball momentum) or "adam", with the hyperparameters of
-  # the one selected. GC on: optax_gc.sgd_gc / adam_gc; off: the same without GC.
+  # Optimizer: "sgd" (heavy-ball momentum), "adam" or "muon", with the hyperparameters
+  # of the one selected. GC on: optax_gc.sgd_gc / adam_gc / GC before Muon; off: the
+  # same without GC. Muon (optax.contrib.muon) orthogonalises each kernel's update
+  # over the axes `dims` names: "derived", those optax_gc.rules_for reads from the
+  # model (optax_gc.muon_dimension_numbers), or "default", Muon's own (2-D leaves
+  # only); every other leaf takes Adam's step at `adam_learning_rate`.
   c.optimizer = "adam"
   c.sgd = ml_collections.ConfigDict({"learning_rate": 0.1, "momentum": 0.9, "nesterov": False})
   c.adam = ml_collections.ConfigDict({"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-8})
+  c.muon = ml_collections.ConfigDict(
+    {"learning_rate": 0.02, "beta": 0.95, "adam_learning_rate": 1e-2, "dims": "derived"}
+  )
   c.weight_decay = 5e-4  # coupled L2, added to the gradient before GC (the paper's order)
   # "cosine": decay to 0 over num_steps; "step": x0.1 at 50% and 75% of num_steps; "constant".
   c.schedule = "cosine"
@@ -307,7 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_arguments(config, "data", data.arguments(config.dataset), "dataset", config.dataset)
   kind = config.model.kind
   _check_arguments(config, "model", models.arguments(kind), "model.kind", kind)
-  check("optimizer", lambda v: v in OPTIMIZERS, "sgd or adam", "adam")
+  check("optimizer", lambda v: v in OPTIMIZERS, "sgd, adam or muon", "adam")
   check("sgd.learning_rate", positive, "a positive number", 0.1)
   check("sgd.momentum", unit, "in [0, 1)", 0.9)
   check("sgd.nesterov", lambda v: isinstance(v, bool), "true or false", False)
@@ -320,6 +328,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check("adam.b1", unit, "in [0, 1)", 0.9)
   check("adam.b2", unit, "in [0, 1)", 0.999)
   check("adam.eps", positive, "a positive number", 1e-8)
+  check("muon.learning_rate", positive, "a positive number", 0.02)
+  check("muon.beta", unit, "in [0, 1)", 0.95)
+  check("muon.adam_learning_rate", positive, "a positive number", 0.01)
+  check("muon.dims", lambda v: v in MUON_DIMS, " or ".join(MUON_DIMS), "derived")
   check("weight_decay", lambda v: v == 0 or positive(v), "a number >= 0", 0.0)
   check("schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "cosine")
   for key, example in (("seeds", 5), ("num_steps", 6000), ("eval_every", 250), ("batch_size", 100)):

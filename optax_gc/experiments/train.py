@@ -95,6 +95,16 @@ def make_optimizer(
     if gc:
       return optax_gc.sgd_gc(lr, o.momentum or None, o.nesterov, weight_decay=wd, **gc_args)
     return optax.chain(*l2, optax.sgd(lr, o.momentum or None, o.nesterov))
+  if config.optimizer == "muon":
+    o = config.muon
+    dims = optax_gc.muon_dimension_numbers(rules) if o.dims == "derived" else None
+    muon = optax.contrib.muon(
+      lr,
+      beta=o.beta,
+      adam_learning_rate=o.adam_learning_rate,
+      muon_weight_dimension_numbers=dims,
+    )
+    return optax.chain(*l2, optax_gc.with_centralization(muon, **gc_args) if gc else muon)
   o = config.adam
   if gc:
     return optax_gc.adam_gc(lr, o.b1, o.b2, o.eps, weight_decay=wd, **gc_args)
@@ -102,9 +112,11 @@ def make_optimizer(
 
 
 def optimizer_label(config: ml_collections.ConfigDict) -> str:
-  """A short name for the config's optimizer: ``"SGD-momentum"``, ``"SGD"`` or ``"Adam"``."""
+  """A short name for the optimizer: ``"SGD-momentum"``, ``"Adam"``, ``"Muon (derived)"``..."""
   if config.optimizer == "sgd":
     return "SGD-momentum" if config.sgd.momentum else "SGD"
+  if config.optimizer == "muon":
+    return f"Muon ({config.muon.dims})"
   return "Adam"
 
 
