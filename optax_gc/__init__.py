@@ -3,6 +3,14 @@
 from optax_gc._src.derive import rules_for
 from optax_gc._src.optimizers import AdamWReference, adam_gc, adamw_gc, sgd_gc
 from optax_gc._src.plan import Plan, Row, explain
+from optax_gc._src.roles import (
+  FactoredRmsState,
+  fan_sizes,
+  galore_dimension_numbers,
+  muon_dimension_numbers,
+  scale_by_factored_rms,
+  scanned_layers,
+)
 from optax_gc._src.rules import Axes, LayerRule, LayerRules, Preset, Rule, RulesLike
 from optax_gc._src.transform import On, centralize, with_centralization
 
@@ -11,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
   "AdamWReference",
   "Axes",
+  "FactoredRmsState",
   "LayerRule",
   "LayerRules",
   "On",
@@ -23,7 +32,12 @@ __all__ = [
   "adamw_gc",
   "centralize",
   "explain",
+  "fan_sizes",
+  "galore_dimension_numbers",
+  "muon_dimension_numbers",
   "rules_for",
+  "scale_by_factored_rms",
+  "scanned_layers",
   "sgd_gc",
   "with_centralization",
 ]
