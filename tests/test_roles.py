@@ -402,13 +402,13 @@ def test_scanned_layers_flags_a_stack_at_axis_0_and_refuses_another_axis():
   at_0 = next(item[0] for item in STACKED if item[0].name == "nnx_vmap_scan_axis0")
   flags = flat(optax_gc.scanned_layers(_rules(at_0))(_tree(at_0)))
   assert flags["layers/attn/query/kernel"] is True and flags["layers/conv/kernel"] is True
-  # A bias has no contraction, and so no stack axis in its rule.
-  assert flags["layers/attn/query/bias"] is False
-  assert sum(flags.values()) == 6  # q, k, v, out, conv, mlp
+  # A stacked bias or norm scale is a stack of layers too: flagged with its kernels.
+  assert flags["layers/attn/query/bias"] is True
+  assert all(flags.values()), [p for p, f in flags.items() if not f]
 
   at_1 = next(item[0] for item in STACKED if item[0].name == "nnx_vmap_scan_axis1")
   with pytest.raises(
-    ValueError, match=r"'layers/attn/key/kernel' \(4, 2, 2, 2\).*kept \(1,\).*'params': 0"
+    ValueError, match=r"'layers/attn/key/bias' \(2, 2, 2\) keeps axes \(1,\).*'params': 0"
   ):
     optax_gc.scanned_layers(_rules(at_1))(_tree(at_1))
 

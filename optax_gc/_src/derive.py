@@ -282,7 +282,7 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
     >>> x = jnp.ones((2, 4))
     >>> rules = optax_gc.rules_for(Stack(), x, None)
     >>> print(rules)
-    params/Dense_0/bias (4, 3): unchanged (no contraction: add)
+    params/Dense_0/bias (4, 3): unchanged (no contraction: add, stack axis 1)
     params/Dense_0/kernel (4, 3, 4): axes (0,) (dot_general in scan body, stack axis 1)
     >>> params = jax.eval_shape(Stack().init, jax.random.key(0), x, None)
     >>> optax_gc.explain(params, rules)["params/Dense_0/kernel"].axes

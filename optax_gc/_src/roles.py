@@ -265,10 +265,10 @@ def scanned_layers(rules: RulesLike) -> Callable[[Any], Any]:
   """PSGD's ``scanned_layers`` flags: True where a leaf is a stack of layers at axis 0.
 
   PSGD (Kron) preconditions each entry of axis 0 of a flagged leaf as its own
-  layer. A contracted leaf with one kept axis, axis 0, is flagged; one with
-  nothing kept, and every leaf without a contraction, is not. A kept axis
-  elsewhere (``nn.scan`` with the params at axis 1), or two kept axes, cannot
-  be expressed and raises.
+  layer. A leaf with one kept axis, axis 0 (a stacked kernel, or the bias or
+  norm scale of a stacked layer), is flagged; one with nothing kept is not. A
+  kept axis elsewhere (``nn.scan`` with the params at axis 1), or two kept
+  axes, cannot be expressed and raises.
 
   Args:
     rules: the rules of :func:`optax_gc.rules_for`.
@@ -293,18 +293,19 @@ def scanned_layers(rules: RulesLike) -> Callable[[Any], Any]:
     >>> rules = optax_gc.rules_for(Stack(), x, None)
     >>> params = jax.eval_shape(Stack().init, jax.random.key(0), x, None)["params"]
     >>> optax_gc.scanned_layers(rules)(params)
-    {'Dense_0': {'bias': False, 'kernel': True}}
+    {'Dense_0': {'bias': True, 'kernel': True}}
   """
   where = "scanned_layers"
   compiled = _compile(rules, where)
 
   def flag(leaf: tree_lib.Leaf, decision: Decision) -> bool:
-    rule = _contraction(decision)
+    rule = decision.derived  # a stacked bias or norm scale is flagged with its kernels
     if rule is None or not rule.kept:
       return False
     if rule.kept != (0,):
       raise ValueError(
-        f"{where}: leaf {leaf.path!r} {leaf.shape} has {_roles_text(rule)}. PSGD's "
+        f"{where}: leaf {leaf.path!r} {leaf.shape} keeps axes {rule.kept} apart "
+        f"({rule.how}). PSGD's "
         "scanned_layers treats axis 0, and only it, as the stack of layers. Put the stack at "
         "axis 0: nn.scan(..., variable_axes={'params': 0}), nnx.vmap(..., out_axes=0), or "
         "jnp.moveaxis on the stacked leaves."
@@ -496,8 +497,9 @@ def scale_by_factored_rms(
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       return _Layout(floating=False, factored=False)
     rule = _contraction(decision)
-    if rule is None:
-      return _Layout(True, False, block=tuple(range(len(leaf.shape))))
+    if rule is None:  # a stacked bias or norm scale is still clipped layer by layer
+      kept = decision.derived.kept if decision.derived is not None else ()
+      return _Layout(True, False, block=tuple(a for a in range(len(leaf.shape)) if a not in kept))
     fan_in, fan_out = rule.axes, rule.fan_out
     assert fan_in is not None  # _contraction keeps only leaves with a fan-in
     big = lambda axes: math.prod(leaf.shape[a] for a in axes) >= min_dim_size_to_factor  # noqa: E731

@@ -248,6 +248,7 @@ class Walk:
   def __init__(self, num_params: int):
     self.uses: list[list[Use]] = [[] for _ in range(num_params)]
     self.ends: list[set[str]] = [set() for _ in range(num_params)]
+    self.stacked: list[set[int]] = [set() for _ in range(num_params)]  # where views ended
     self.read = [False] * num_params
     self.recording = True
     self.where: tuple[str, ...] = ()
@@ -264,6 +265,7 @@ class Walk:
       for val in vals:
         for view in val.views:
           self.ends[view.param].add(op)
+          self.stacked[view.param] |= view.stack_axes
 
   def _settle(self, product: Product, summed: frozenset[int], kept: Sequence[int], live: bool):
     """A product is summed over ``summed`` (and over its terms): record the contraction."""
@@ -272,6 +274,7 @@ class Walk:
     if not fan_in:  # scaled by the parameter, never summed over its axes: a norm's scale
       if self.recording:
         self.ends[view.param].add("mul")
+        self.stacked[view.param] |= product.stack_axes()
       return
     fan_out = _union(view.axes[a] for a in kept)
     stack = product.stack_axes() - fan_in
@@ -924,7 +927,10 @@ def read(walk: Walk, param: int, ndim: int) -> Reading:
       return Reading("unread", "the forward pass never reads it")
     ends = sorted(walk.ends[param])
     shown = ", ".join(ends[:3]) + (", ..." if len(ends) > 3 else "")
-    return Reading("untouched", "no contraction" + (f": {shown}" if ends else ""))
+    stack = tuple(sorted(walk.stacked[param]))
+    how = "no contraction" + (f": {shown}" if ends else "")
+    how += f", stack axis {', '.join(map(str, stack))}" if stack else ""
+    return Reading("untouched", how, kept=stack)
   mixed = [u for u in deciding if u.kind == "mixed"]
   if mixed:
     return Reading(
