@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import fast_compile_env
 
 import optax_gc.experiments
 from optax_gc.experiments import cli, report
@@ -50,6 +51,7 @@ class _Process:
     self.proc = subprocess.Popen(
       [sys.executable, "-c", before + MAIN, *args],
       cwd=cwd,
+      env=fast_compile_env(),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -100,58 +102,71 @@ def _limited(size: int) -> str:
   return f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size}))\n"
 
 
-def test_a_run_that_cannot_write_its_metrics_prints_its_table_and_names_the_file(tmp_path):
-  # metrics.json is a few kB: a 2 kB file-size limit stops it, as a full disk would.
-  run = _Process([*TINY, f"--workdir={tmp_path}/runs"], tmp_path, before=_limited(2000))
-  status, out, err = run.finish(120)
-  assert status == 1, err
-  assert "GC - no GC, final test accuracy" in out  # the results, before the write
-  (line,) = _lines(err)
+def test_results_that_cannot_be_written_are_printed_and_the_file_named(tmp_path):
+  """A run's metrics.json, then a sweep's first point, in one process with a full disk.
+
+  Each is a few kB: a 2 kB file-size limit stops it, as a full disk would. The process
+  runs the comparison, prints a line with its exit status on both streams, then the sweep.
+  """
+  runs, sweeps = tmp_path / "runs", tmp_path / "sweeps"
+  first = (
+    "import sys\nfrom optax_gc.experiments import main\n"
+    f"status = main({[*TINY, f'--workdir={runs}']!r})\n"
+    "for stream in (sys.stdout, sys.stderr):\n  print(f'--- {status}', file=stream, flush=True)\n"
+  )
+  args = [*TINY, "--sweep=adam.learning_rate=0.001,0.01", f"--workdir={sweeps}"]
+  status, out, err = _Process(args, tmp_path, before=_limited(2000) + first).finish(120)
+  assert "Traceback" not in err, err
+  (run_out, run_status, out), (run_err, _, err) = (
+    re.split(r"^--- (\d+)\n", t, flags=re.M) for t in (out, err)
+  )
+
+  # The comparison: its results, then the file it could not write; no folder is left.
+  assert run_status == "1", run_err
+  assert "GC - no GC, final test accuracy" in run_out  # the results, before the write
+  (line,) = _lines(run_err)
   assert re.fullmatch(
-    rf"optax-gc-compare: error: {tmp_path}/runs/mnist1d_mlp-adam-[\d-]+/metrics.json not "
+    rf"optax-gc-compare: error: {runs}/mnist1d_mlp-adam-[\d-]+/metrics.json not "
     r"written: File too large; the table above is what is kept",
     line,
   ), line
-  assert "Traceback" not in err
-  assert list((tmp_path / "runs").iterdir()) == []  # no folder, no half file, no temporary
+  assert list(runs.iterdir()) == []  # no folder, no half file, no temporary
 
-
-def test_a_sweep_point_that_cannot_be_written_stops_the_sweep_and_keeps_its_result(tmp_path):
-  args = [*TINY, "--sweep=adam.learning_rate=0.001,0.01", f"--workdir={tmp_path}"]
-  status, out, err = _Process(args, tmp_path, before=_limited(2000)).finish(120)
+  # The sweep stops at the point it could not save, and prints that point's result.
   assert status == 1, err
   assert re.search(r"adam.learning_rate=0.001: no GC [\d.]+ ± [\d.]+ ", out)  # its result
   assert "1 of 2 points done (a point could not be saved)" in out
   (line,) = _lines(err)
   assert re.fullmatch(
-    rf"optax-gc-compare: error: {tmp_path}/sweep-mnist1d_mlp-adam-\w+/points/000.json not "
+    rf"optax-gc-compare: error: {sweeps}/sweep-mnist1d_mlp-adam-\w+/points/000.json not "
     r"written: File too large; the table above holds the points, .*",
     line,
   ), line
-  (folder,) = tmp_path.glob("sweep-*")
+  (folder,) = sweeps.glob("sweep-*")
   assert list((folder / "points").iterdir()) == []
   assert not (folder / "sweep.json").exists()
 
 
 def test_a_damaged_point_file_is_named_and_trained_again(tmp_path, capsys):
-  args = [*TINY, "--sweep=adam.learning_rate=0.001,0.01,0.1", f"--workdir={tmp_path}"]
+  args = [*TINY, "--sweep=adam.learning_rate=0.001,0.01", f"--workdir={tmp_path}"]
   assert cli.main([*args, "--max_minutes=1e-9"]) == 0  # the folder, no point trained
   (points,) = tmp_path.glob("sweep-*/points")
+  # Not JSON (empty, as a write cut short at its start leaves it; a half-written file is
+  # read alike), and JSON of another schema.
   damaged = {
     "000.json": "",
-    "001.json": '{"values": {"adam.learning_rate": 0.01}, "variants": {"gc": {"test_acc',
-    "002.json": '{"values": {"adam.learning_rate": 0.1}, "accuracy": 0.9}',  # another schema
+    "001.json": '{"values": {"adam.learning_rate": 0.01}, "accuracy": 0.9}',
   }
   for name, text in damaged.items():
     (points / name).write_text(text)
   capsys.readouterr()
   assert cli.main(args) == 0
   err = capsys.readouterr().err
-  for name, kind in zip(damaged, ("JSONDecodeError", "JSONDecodeError", "KeyError"), strict=True):
+  for name, kind in zip(damaged, ("JSONDecodeError", "KeyError"), strict=True):
     assert f"warning: {points / name} is damaged ({kind}" in err, err
     assert "training that point again" in err
     assert json.loads((points / name).read_text())["variants"]["gc"]["test_accuracy"]
-  assert len(_lines(err)) == 3
+  assert len(_lines(err)) == 2
 
 
 @pytest.mark.parametrize(

@@ -191,8 +191,10 @@ class ResNet(nnx.Module):
   ``ndim`` is 1 for signals ``(batch, length)``, 2 for images ``(batch, h, w, c)``.
 
   Example:
-    >>> net = ResNet(1, channels=(8, 16), ndim=1, rngs=nnx.Rngs(0))
-    >>> net(jnp.ones((2, 40))).shape
+    >>> import jax
+    >>> def net(x):
+    ...   return ResNet(1, channels=(8, 16), ndim=1, rngs=nnx.Rngs(0))(x)
+    >>> jax.eval_shape(net, jnp.ones((2, 40))).shape
     (2, 10)
   """
 
