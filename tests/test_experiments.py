@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers import fast_compile_env, flat
 
+import optax_gc
 from optax_gc.experiments import cli, data, report, train
 from optax_gc.experiments import config as config_lib
 
@@ -60,13 +61,15 @@ def test_the_default_config_is_mnist1d_cnn_unchanged():
   assert config.to_dict() == config_lib.load("mnist1d_cnn").to_dict() and not sweeps
 
 
-# Each config trains end to end once, with SGD and Adam in turn, so each optimizer
-# runs on several configs (a run per pair would double the slowest tests of the
-# suite); test_every_config_builds_and_steps_both_optimizers covers every pair.
+# Each config trains end to end once, with SGD, Adam and Muon in turn, so each optimizer
+# runs on two configs (a run per pair would triple the slowest test of the suite);
+# test_every_config_builds_and_steps_each_optimizer covers every pair.
 # default is mnist1d_cnn (test_the_default_config_is_mnist1d_cnn_unchanged).
+OPTIMIZERS = ("sgd", "adam", "muon")
 SMOKE_RUNS = [
-  (name, ("sgd", "adam")[i % 2]) for i, name in enumerate(c for c in CONFIGS if c != "default")
+  (name, OPTIMIZERS[i % 3]) for i, name in enumerate(c for c in CONFIGS if c != "default")
 ]
+LABELS = {"sgd": "SGD-momentum", "adam": "Adam", "muon": r"Muon \(derived\)"}
 # The smoke runs, one after another in one process, each as the command runs it. Its
 # argument is {folder: the command's arguments}; each folder gets the run's stdout and
 # its exit status (or traceback).
@@ -137,25 +140,27 @@ def _check_smoke_run(folder: Path, optimizer: str, err: str):
     assert np.all(np.isfinite(curves["train_loss"])) and curves["diverged_at"] == [None]
     # The summary is the last evaluation, read back independently of report.py.
     assert curves["summary"]["final_test_accuracy"]["mean"] == acc[0, -1]
-    label = "SGD-momentum" if optimizer == "sgd" else "Adam"
+    label = LABELS[optimizer]
     assert re.search(rf"\b{label} +{'GC' if variant == 'gc' else 'no GC'} ", out)
   # The plan, explain's table, ends "N leaves: K centred (...)": GC centres something.
   plan = (run_dir / "gc_plan.txt").read_text()
   assert int(re.search(r"leaves: (\d+) centred", plan)[1]) >= 1, plan
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_builds_and_steps_both_optimizers(name, optimizer):
+def test_every_config_builds_and_steps_each_optimizer(name, optimizer):
   config = config_lib.load(name)
   config.optimizer = optimizer
   config_lib.validate(config)
   # A Dense kernel whose fan-in mean GC removes: the two optimizers' first steps differ.
   params = {"Dense_0": {"kernel": np.zeros((3, 2), np.float32)}}
   grads = {"Dense_0": {"kernel": np.array([[1, 2], [3, 4], [5, 9]], np.float32)}}
+  # Muon's axes come from the rules rules_for reads, as the runner passes them.
+  rules = optax_gc.rules_for(lambda p, x: x @ p["Dense_0"]["kernel"], params, np.ones((2, 3)))
   steps = []
   for gc in (False, True):
-    tx = train.make_optimizer(config, gc)
+    tx = train.make_optimizer(config, gc, rules)
     steps.append(np.asarray(tx.update(grads, tx.init(params), params)[0]["Dense_0"]["kernel"]))
   assert all(np.all(np.isfinite(s)) and np.any(s) for s in steps)
   assert not np.allclose(steps[0], steps[1])
@@ -351,3 +356,69 @@ def test_summary_statistics_against_numpy():
   assert r["gc_minus_baseline"]["seeds_gc_better"] == int((diff > 0).sum())
   assert s["diverged_at"] == [None, 3, None, None, 1]
   assert report.diverged_cell(s["diverged_at"]) == "2/5 (steps 1, 3)"
+
+
+def _polar(m):
+  """The orthogonal factor U V^T of ``m`` (float64 SVD): what Muon's Newton-Schulz approximates."""
+  u, s, vt = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+  kept = s > 1e-6 * s[0]  # a centred gradient has lost a rank; so has its update
+  return u[:, kept] @ vt[kept]
+
+
+def test_muon_orthogonalises_each_kernel_over_its_derived_axes_and_keeps_gc_fan_in_means():
+  """The runner's Muon: each CNN kernel as its (fan-in, fan-out) matrix with the derived axes.
+
+  Muon's own default sends the 3-D convolution kernels to its Adam; with GC, the update of
+  a centred gradient keeps a zero mean over the fan-in (Newton-Schulz is a polynomial
+  G (G^T G)^k, and 1^T G = 0).
+  """
+  config = config_lib.load("mnist1d_cnn")
+  config.weight_decay, config.optimizer = 0.0, "muon"
+  config.data.num_samples = 500
+  ds = data.load(config.dataset, **config.data)
+  rules = train.gc_rules(config, ds)
+  _, params, _ = train.init_model(config, ds, 0)
+  rng = np.random.default_rng(0)
+
+  def gradient(shape):
+    # Singular values spread over a decade, so an orthogonalised update shows as one, and
+    # a constant of singular value 0.5 so that the fan-in means are far from 0.
+    n, m = int(np.prod(shape[:-1])), shape[-1]
+    k = min(n, m)
+    u, v = np.linalg.qr(rng.normal(size=(n, k)))[0], np.linalg.qr(rng.normal(size=(m, k)))[0]
+    g = u * np.logspace(0, -1, k) @ v.T + 0.5 / np.sqrt(n * m)
+    return g.reshape(shape).astype(np.float32)
+
+  grads = jax.tree.map(lambda p: gradient(p.shape) if p.ndim > 1 else np.ones_like(p), params)
+  kernels = [p for p in flat(params) if p.endswith("/kernel")]
+  assert kernels == ["conv1/kernel", "conv2/kernel", "conv3/kernel", "head/kernel"]
+
+  def update(gc, dims):
+    config.muon.dims = dims
+    tx = train.make_optimizer(config, gc, rules)
+    return flat(tx.update(grads, tx.init(params), params)[0])
+
+  # Every kernel as its (fan-in, fan-out) matrix: the conv kernels are (width, in, out).
+  as_matrix = {p: v.reshape(-1, v.shape[-1]).astype(np.float64) for p, v in flat(grads).items()}
+  derived, default, centred = (
+    {p: np.asarray(v, np.float64).reshape(as_matrix[p].shape) for p, v in update(*a).items()}
+    for a in ((False, "derived"), (False, "default"), (True, "derived"))
+  )
+  for path in kernels:
+    g = as_matrix[path]
+    # Derived: the direction of -U V^T of the gradient's matrix, centred with GC.
+    for u, grad in ((derived[path], g), (centred[path], g - g.mean(axis=0))):
+      ref = -_polar(grad)
+      cos = np.sum(u * ref) / np.linalg.norm(u) / np.linalg.norm(ref)
+      assert cos > 0.95, (path, cos)
+    # GC: every neuron's update has a zero mean over its fan-in; without GC it has not.
+    scale = np.abs(centred[path]).mean()
+    assert np.abs(centred[path].mean(axis=0)).max() < 1e-4 * scale, path
+    assert np.abs(derived[path].mean(axis=0)).max() > 1e-2 * scale, path
+    # Muon's default: 2-D kernels to Muon as above, the rest to its (N)Adam, whose first
+    # step is the same size for every entry.
+    if flat(grads)[path].ndim > 2:
+      adam = np.abs(default[path])
+      np.testing.assert_allclose(adam, adam.max(), rtol=1e-3, err_msg=path)
+    else:
+      np.testing.assert_allclose(default[path], derived[path], atol=1e-5 * scale, err_msg=path)
