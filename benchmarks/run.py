@@ -1,6 +1,6 @@
 """What Gradient Centralization costs, measured as ratios in one process.
 
-Four parts, each comparing optimizers with and without GC on this machine, in
+Five parts, each comparing a variant against its base on this machine, in
 this process, the variants interleaved round by round so that load from
 other processes hits every variant alike:
 
@@ -15,7 +15,7 @@ other processes hits every variant alike:
            init and forward pass once, on the compile part's many-leaf model
 
 A ratio is the median over rounds of a variant's time divided by its base's
-(adamw or adam) in the same round, with the quartiles of those ratios.
+(adamw or adam; for derive, the two traces) in the same round, with the quartiles of those ratios.
 Variants (--variants, by id):
 """
 
