@@ -178,12 +178,61 @@ def test_slices_of_one_entry_are_stack_axes_and_ranges_keep_their_axis():
   def fn(p, x):
     q, k, v = (p["qkv"][:, i] for i in range(3))  # fused (d, 3, h*k)
     up, gate = jnp.split(p["mlp"], 2, axis=1)  # fused (d, 2*f)
-    h = x @ q + x @ k + x @ v
+    h = jax.nn.softmax((x @ q) @ (x @ k).T) @ (x @ v)
     return (x @ up) * (x @ gate), h
 
   rules = read(fn, {"qkv": zeros(4, 3, 6), "mlp": zeros(4, 10)}, zeros(2, 4))
   assert (rules["qkv"].axes, rules["qkv"].kept, rules["qkv"].fan_out) == ((0,), (1,), (2,))
   assert (rules["mlp"].axes, rules["mlp"].fan_out) == ((0,), (1,))
+
+
+def test_entries_whose_outputs_are_added_into_the_same_neurons_are_summed():
+  """Taps of a convolution written as slices: each output sums every tap's products.
+
+  Stacks stay stacks: layers applied one after another (each fed by the last,
+  unrolled or scanned with the carry), and experts whose outputs are weighted
+  by data before they are added.
+  """
+  w = zeros(3, 4, 5)  # (taps, in, out)
+
+  def taps(p, x):  # y[t] = sum_k x[t + k] @ w[k]
+    return sum(x[:, k : k + 6] @ p["w"][k] for k in range(3))
+
+  def accumulated(p, x):  # the same sum, one tap per trip of a scan
+    xs = jnp.stack([x[:, k : k + 6] for k in range(3)])
+    return jax.lax.scan(
+      lambda a, xw: (a + xw[0] @ xw[1], None), jnp.zeros((2, 6, 5)), (xs, p["w"])
+    )[0]
+
+  def cell(p, xs):  # input and recurrent weights stored stacked: [x, h] @ w.reshape(12, 6)
+    step = lambda h, x: (jnp.tanh(x @ p["w"][0] + h @ p["w"][1]),) * 2  # noqa: E731
+    return jax.lax.scan(step, jnp.zeros((2, 6)), xs)[0]
+
+  def unrolled(p, x):  # a residual stack: layer i + 1 reads layer i's output
+    for i in range(3):
+      x = x + jnp.tanh(x @ p["v"][i]) @ p["w"][i]
+    return x
+
+  def scanned(p, x):  # the same stack scanned: the carry feeds each layer
+    body = lambda h, vw: (h + jnp.tanh(h @ vw[0]) @ vw[1], None)  # noqa: E731
+    return jax.lax.scan(body, x, (p["v"], p["w"]))[0]
+
+  def experts(p, x, g):  # outputs weighted by a gate: each expert's neurons are its own
+    return sum(g[:, e : e + 1] * (x @ p["w"][e]) for e in range(3))
+
+  x = zeros(2, 8, 4)
+  for fn in (taps, accumulated):
+    rule = read(fn, {"w": w}, x)["w"]
+    assert (rule.axes, rule.kept, rule.fan_out) == ((0, 1), (), (2,)), fn.__name__
+    assert "entries of axis 0 added" in rule.how
+  rule = read(cell, {"w": zeros(2, 6, 6)}, zeros(5, 2, 6))["w"]
+  assert (rule.axes, rule.kept) == ((0, 1), ())
+  stack = {"v": zeros(3, 6, 6), "w": zeros(3, 6, 6)}
+  for fn in (unrolled, scanned):
+    rules = read(fn, stack, zeros(2, 6))
+    assert {k: (r.axes, r.kept) for k, r in rules.items()} == dict.fromkeys(stack, ((1,), (0,)))
+  rule = read(experts, {"w": zeros(3, 6, 4)}, zeros(2, 6), zeros(2, 3))["w"]
+  assert (rule.axes, rule.kept) == ((1,), (0,))
 
 
 def test_scan_fori_loop_while_and_dynamic_index_make_stack_axes():

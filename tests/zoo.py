@@ -2189,6 +2189,54 @@ EQX_CUSTOM = {
 }
 
 
+class EqxSummedSlices(eqx.Module):
+  """Slices of one weight whose contractions are added into the same neurons, and stacks.
+
+  A dense convolution written as a loop over taps, the same taps added to a
+  scan's carry, a recurrent cell storing its input and recurrent weights
+  stacked: the sliced axis is summed. A residual stack unrolled by a loop (each
+  layer fed by the last) and experts weighted by a gate: the sliced axis is kept.
+  """
+
+  taps: jax.Array  # (3, 4, 5): y[t] = sum_k x[t + k] @ taps[k]
+  scan_taps: jax.Array  # (3, 5, 6): the same, one tap per trip of a scan
+  cell: jax.Array  # (2, 6, 6): h = tanh(x @ cell[0] + h @ cell[1])
+  stack: jax.Array  # (3, 6, 6): x = x + tanh(x @ stack[i])
+  experts: jax.Array  # (3, 6, 6): sum_e gate[e] * (x @ experts[e])
+
+  def __init__(self, key):
+    del key
+    self.taps, self.scan_taps = jnp.zeros((3, 4, 5)), jnp.zeros((3, 5, 6))
+    self.cell, self.stack, self.experts = (jnp.zeros((n, 6, 6)) for n in (2, 3, 3))
+
+  def __call__(self, x):  # (T, 4)
+    t = x.shape[0] - 2
+    x = jax.nn.relu(sum(x[k : k + t] @ self.taps[k] for k in range(3)))  # (T - 2, 5)
+    xs = jnp.stack([x[k : k + t - 2] for k in range(3)])
+    x = jax.lax.scan(
+      lambda a, xw: (a + xw[0] @ xw[1], None), jnp.zeros((t - 2, 6)), (xs, self.scan_taps)
+    )[0]
+
+    def step(h, x):
+      h = jnp.tanh(x @ self.cell[0] + h @ self.cell[1])
+      return h, h
+
+    h, x = jax.lax.scan(step, jnp.zeros(6), x)
+    for i in range(3):
+      x = x + jnp.tanh(x @ self.stack[i])
+    gate = jax.nn.softmax(x @ jnp.ones((6, 3)), axis=-1)
+    return sum(gate[:, e : e + 1] * (x @ self.experts[e]) for e in range(3))
+
+
+EQX_SUMMED_SLICES = {
+  "taps": (0, 1),  # taps and input channels: every output sums both
+  "scan_taps": (0, 1),
+  "cell": (0, 1),  # [x, h] @ cell.reshape(12, 6)
+  "stack": (1,),  # axis 0: layers, each fed by the one before
+  "experts": (1,),  # axis 0: experts, their outputs weighted by data before the sum
+}
+
+
 class EqxGru(eqx.Module):
   cell: eqx.nn.GRUCell
   head: eqx.nn.Linear
@@ -2588,6 +2636,13 @@ CASES = [
     EQX_CUSTOM,
     "torch",
     preset_blind=frozenset({"hidden/weight"}),
+  ),
+  Case(
+    "eqx_summed_slices",
+    "equinox",
+    _eqx(lambda: EqxSummedSlices(KEY), _ones(9, 4)),
+    EQX_SUMMED_SLICES,
+    "torch",
   ),
   Case(
     "eqx_conv_variants",

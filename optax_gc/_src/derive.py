@@ -231,7 +231,9 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
     dimensions; ``ragged_dot``: the expert axis kept; a product with data
     summed over a parameter axis (a convolution written by hand) likewise;
   - a slice of one entry (a scan over stacked layers, an index by a loop
-    counter) makes a stack axis, kept;
+    counter) makes a stack axis, kept, unless the contractions of its entries
+    are added into the same outputs (a convolution's taps as slices), which
+    sums it;
   - a lookup of rows by data (a gather at token ids, a contraction against a
     one-hot of ids) makes a table: unchanged;
   - anything else (adding a bias, scaling by a norm's scale) is no contraction:

@@ -11,6 +11,10 @@ sub-program, and records what each use says:
 - a contraction with data (``dot_general``, a convolution, ``ragged_dot``), or
   a product with data summed over one of the parameter's axes (a convolution
   written as a sum of shifted products): the fan-in;
+- a slice of one entry: a stack axis, kept, unless the contractions of
+  several entries are added into the same outputs and none is fed by
+  another's (``sum(x[k : k + t] @ w[k] for k)``, or a scan adding each tap to
+  its carry): then the entries are summed, the fan-in;
 - a lookup by data (a gather or dynamic slice at data-dependent indices, or a
   contraction against a value computed from integer data alone, such as a
   one-hot of token ids): a table;
@@ -118,6 +122,11 @@ class Use:
   stack: frozenset[int] = frozenset()
   conv: bool = False
   live: bool = True
+  # The stack entries the parameter was taken at, and what the data it met
+  # depends on (``Val.after``): a contraction of another of its entries (a layer
+  # of a stack applied after the one before it), or a loop's carry.
+  entries: frozenset[tuple[int, object]] = frozenset()
+  depends: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +139,12 @@ class Val:
   # Axes along which a value free of data is constant, because it was broadcast
   # there: a learned token broadcast over the batch. Such a value is an input.
   replicated: frozenset[int] = frozenset()
+  # Outputs of contractions of stack entries, as ``(param, use)``, that this
+  # value is a plain sum of (added, negated, cast, moved): entries whose outputs
+  # are added into the same neurons are summed, as a convolution's taps are.
+  sums: frozenset[tuple[int, int]] = frozenset()
+  # The parameters taken at stack entries whose contractions this value depends on.
+  after: frozenset[int] = frozenset()
 
 
 EMPTY = Val()
@@ -249,6 +264,8 @@ class Walk:
     self.uses: list[list[Use]] = [[] for _ in range(num_params)]
     self.ends: list[set[str]] = [set() for _ in range(num_params)]
     self.stacked: list[set[int]] = [set() for _ in range(num_params)]  # where views ended
+    self.summed: list[set[int]] = [set() for _ in range(num_params)]  # stack axes summed
+    self.carries = itertools.count(1)  # -n marks a loop's carry in Val.sums and Val.after
     self.read = [False] * num_params
     self.recording = True
     self.where: tuple[str, ...] = ()
@@ -319,8 +336,46 @@ class Walk:
           dataclasses.replace(o, replicated=r) if r and not is_data(o.label) else o
           for o, r in zip(outs, _replicated(eqn, vals), strict=True)
         ]
+      outs = self._flow(eqn, vals, outs)
       env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
+
+  def _flow(self, eqn, vals: Sequence[Val], outs: list[Val]) -> list[Val]:
+    """Carries ``sums`` through sums and moves and ``after`` through everything."""
+    name = eqn.primitive.name
+    after = _union(val.after for val in vals)
+    if name in _CONTRACTIONS:
+      after |= {view.param for val in vals for view in val.views if view.stack}
+    if name in _SUMS_OF_OUTPUTS and self.recording:
+      self._summed_entries(vals)
+    if name in _SUMS_OF_OUTPUTS or name in _MOVES:
+      sums = _union(val.sums for val in vals)
+      outs = [dataclasses.replace(o, sums=o.sums | sums) for o in outs]
+    elif not (name in _CONTRACTIONS or _sub_jaxprs(eqn)):
+      outs = [dataclasses.replace(o, sums=frozenset()) if o.sums else o for o in outs]
+    if not after:
+      return outs
+    return [dataclasses.replace(o, after=o.after | after) for o in outs]
+
+  def _summed_entries(self, vals: Sequence[Val]) -> None:
+    """Outputs of a parameter's entries added together: those entries' axes are summed.
+
+    ``x[k : k + t] @ w[k]`` added over ``k`` is a convolution whose taps are
+    ``w``'s axis 0: its fan-in. Entries applied one after the other (a layer
+    of a stack fed by the one before) are a stack, whatever is added.
+    """
+    for i, left in enumerate(vals):
+      for right in vals[i + 1 :]:
+        for p, u in left.sums:
+          for q, w in right.sums:
+            if p != q or p < 0 or u == w:  # p < 0: a loop's carry (_loop)
+              continue
+            a, b = self.uses[p][u], self.uses[p][w]
+            if p in a.depends or p in b.depends or a.fan_in != b.fan_in:
+              continue
+            for axis in {x for x, _ in a.entries} & {x for x, _ in b.entries}:
+              if {e for x, e in a.entries if x == axis} != {e for x, e in b.entries if x == axis}:
+                self.summed[p].add(axis)
 
   def finish(self, outs: Sequence[Val]) -> None:
     """The program's outputs: products still open are settled here."""
@@ -382,8 +437,8 @@ class Walk:
   def _eqn(self, eqn, vals: list[Val], live: bool, live_vars: set) -> list[Val]:
     name = eqn.primitive.name
     if name in _CONTRACTIONS:
-      self._contraction(eqn, vals, live)
-      return self._plain(eqn, vals)
+      sums = self._contraction(eqn, vals, live)
+      return [dataclasses.replace(o, sums=sums) for o in self._plain(eqn, vals)]
     if name == "scan":
       return self._scan(eqn, vals)
     if name == "while":
@@ -620,8 +675,10 @@ class Walk:
 
   # -- contractions ---------------------------------------------------------
 
-  def _contraction(self, eqn, vals: list[Val], live: bool) -> None:
+  def _contraction(self, eqn, vals: list[Val], live: bool) -> frozenset[tuple[int, int]]:
+    """Records each parameter view's use; returns the ``sums`` of the output."""
     name, p = eqn.primitive.name, eqn.params
+    sums = set()
     sides = [_dims(name, p, side, len(_shape(eqn.invars[side]))) for side in (0, 1)]
     for side in (0, 1):
       val, other = vals[side], vals[1 - side]
@@ -662,8 +719,13 @@ class Walk:
           stack,
           conv,
           live and not view.dead,
+          view.stack,
+          other.after,
         )
+        if self.recording and use_kind == "contraction" and view.stack:
+          sums.add((view.param, len(self.uses[view.param])))
         self._use(view.param, use)
+    return frozenset(sums)
 
   # -- sub-programs ---------------------------------------------------------
 
@@ -690,8 +752,14 @@ class Walk:
     outs = [self._inside(_COND, b, vals[1:], live_out) for b in eqn.params["branches"]]
     return [_merge(column) for column in zip(*outs, strict=True)]
 
-  def _loop(self, body, consts: list[Val], carry: list[Val], xs: list[Val], where: str):
-    """Walks a loop body to a fixed point of what its carry is, then once more, recording."""
+  def _loop(self, body, consts: list[Val], carry: list[Val], xs: list[Val], where: str, entry=None):
+    """Walks a loop body to a fixed point of what its carry is, then once more, recording.
+
+    On that last walk each carry is marked: a carry that comes out as itself plus
+    the output of a contraction of the entry each trip takes (``entry``, a
+    scan's), whose input depends on no carry, sums the entries over the trips
+    (an accumulated convolution); a stack feeds each layer the carry.
+    """
     recording, self.recording = self.recording, False
     try:
       for _ in range(4):
@@ -704,8 +772,20 @@ class Walk:
         carry = [Val(label=c.label) for c in carry]
     finally:
       self.recording = recording
-    outs = self._inside(where, body, [*consts, *carry, *xs], None)
+    marks = [-next(self.carries) for _ in carry]
+    marked = [
+      dataclasses.replace(c, sums=c.sums | {(m, 0)}, after=c.after | {m})
+      for c, m in zip(carry, marks, strict=True)
+    ]
+    outs = self._inside(where, body, [*consts, *marked, *xs], None)
     self._drop_products(outs, (), True)
+    for m, out in zip(marks, outs, strict=False):
+      if entry is None or (m, 0) not in out.sums:
+        continue
+      for p, u in out.sums:
+        use = self.uses[p][u] if p >= 0 else None
+        if use is not None and not use.depends & set(marks):
+          self.summed[p] |= {axis for axis, e in use.entries if e == entry}
     return carry, outs
 
   def _scan(self, eqn, vals: list[Val]) -> list[Val]:
@@ -724,7 +804,7 @@ class Walk:
       )
       for val in xs
     ]
-    carry, outs = self._loop(p["jaxpr"], consts, carry, xs, _SCAN)
+    carry, outs = self._loop(p["jaxpr"], consts, carry, xs, _SCAN, id(eqn))
     return [*carry, *(Val(label=o.label) for o in outs[ncarry:])]
 
   def _pmap(self, eqn, vals: list[Val], live_vars: set) -> list[Val]:
@@ -756,6 +836,12 @@ class Walk:
 
 
 _SUMS = ("add", "add_any", "sub", "reduce_sum")
+# What a plain sum of contraction outputs stays one through (Val.sums).
+_SUMS_OF_OUTPUTS = frozenset({"add", "add_any", "sub"})
+_MOVES = frozenset({
+  "neg", "convert_element_type", "copy", "copy_p", "reduce_precision", "reshape", "transpose",
+  "squeeze", "broadcast_in_dim",
+})  # fmt: skip
 # Operations that keep integers integers: a float made of integers through them
 # alone (a one-hot) is DISCRETE; through a cosine it is not.
 _INTEGRAL = (_SHAPE | _ENDS | _IDENTITY) - {"reduce_precision"} | {
@@ -822,6 +908,8 @@ def _merge(vals: Sequence[Val]) -> Val:
     label,
     tuple(dict.fromkeys(p for val in vals for p in val.products)),
     frozenset.intersection(*(val.replicated for val in vals)),
+    _union(val.sums for val in vals),
+    _union(val.after for val in vals),
   )
 
 
@@ -896,11 +984,13 @@ def _axes_text(axes) -> str:
   return "(" + ", ".join(map(str, sorted(axes))) + ("," if len(axes) == 1 else "") + ")"
 
 
-def _describe(use: Use) -> str:
+def _describe(use: Use, summed: frozenset[int] = frozenset()) -> str:
   text = use.op + (f" in {', '.join(use.where)}" if use.where else "")
-  for role, axes in (("stack", use.stack), ("batch", use.batch), ("expert", use.group)):
+  for role, axes in (("stack", use.stack - summed), ("batch", use.batch), ("expert", use.group)):
     if axes:
       text += f", {role} axis {', '.join(map(str, sorted(axes)))}"
+  if summed:
+    text += f", entries of axis {', '.join(map(str, sorted(summed)))} added"
   return text
 
 
@@ -949,9 +1039,12 @@ def read(walk: Walk, param: int, ndim: int) -> Reading:
   kept = _union(u.batch | u.group | u.stack for u in deciding)
   if fan_in & kept:
     return Reading("conflict", "one use keeps apart an axis another contracts")
+  # Stack entries whose outputs are added together are summed (a convolution's taps).
+  summed = frozenset(walk.summed[param]) & _union(u.stack for u in deciding)
+  fan_in, kept = fan_in | summed, kept - summed
   fan_out = _union(u.fan_out for u in deciding) - kept
   kept |= frozenset(range(ndim)) - fan_in - fan_out - kept
-  how = _describe(deciding[0]) + (f" ({len(deciding)} uses)" if len(deciding) > 1 else "")
+  how = _describe(deciding[0], summed) + (f" ({len(deciding)} uses)" if len(deciding) > 1 else "")
   return Reading(
     "contraction",
     how,
