@@ -576,6 +576,23 @@ def test_bad_calls_say_what_to_pass():
     strict.init({"other": jnp.ones(3)})
 
 
+def test_an_equinox_call_that_fails_says_how_equinox_models_are_traced():
+  """A batch to a per-example module, or a stateful module without its state."""
+  mlp = eqx.nn.MLP(3, 2, 4, 1, key=KEY)
+  with pytest.raises(TypeError) as e:
+    optax_gc.rules_for(mlp, zeros(5, 3))
+  assert "method=lambda m, x: jax.vmap(m)(x)" in "\n".join(e.value.__notes__)
+  bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch")
+  with pytest.raises(TypeError) as e:
+    optax_gc.rules_for(bn, zeros(4))
+  assert "rules_for(eqx.nn.inference_mode(model), x, state)" in "\n".join(e.value.__notes__)
+  rules = optax_gc.rules_for(eqx.nn.inference_mode(bn), zeros(4), state)
+  assert {r.path: r.axes for r in rules} == {"weight": None, "bias": None}
+  # As the note says, a batch through vmap.
+  rules = optax_gc.rules_for(mlp, zeros(5, 3), method=lambda m, x: jax.vmap(m)(x))
+  assert {r.path: r.axes for r in rules}["layers/0/weight"] == (1,)
+
+
 def test_user_rules_come_first_and_explain_names_the_operation():
   class Custom(nn.Module):
     @nn.compact

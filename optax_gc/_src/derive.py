@@ -160,11 +160,22 @@ def _framework(model) -> str | None:
   return None
 
 
-def _trace(program: _Program, arrays: list, what: str, given: int):
+# Added to an error raised while tracing an Equinox module's call.
+_EQUINOX_HINT = (
+  "rules_for traces model(*inputs) as given. An Equinox module usually takes one example: "
+  "pass one (optax_gc.rules_for(model, jnp.ones((3,)))), or a batch with "
+  "method=lambda m, x: jax.vmap(m)(x). A stateful one (eqx.nn.State) takes its state "
+  "after the inputs: optax_gc.rules_for(eqx.nn.inference_mode(model), x, state)."
+)
+
+
+def _trace(program: _Program, arrays: list, what: str, given: int, hint: str | None = None):
   try:
     return jax.make_jaxpr(program.fn)(program.params, program.state, arrays)
-  except TypeError as e:
-    if given or "argument" not in str(e):
+  except Exception as e:
+    if not isinstance(e, TypeError) or given or "argument" not in str(e):
+      if hint:
+        e.add_note(hint)
       raise
     raise TypeError(
       f"rules_for traces {what}'s forward pass and needs its inputs ({e}). Pass example "
@@ -259,8 +270,10 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
   Args:
     model: a linen, nnx or Equinox module, or a function of ``(params, *inputs)``.
     *inputs: example inputs of the forward pass: arrays or
-      ``jax.ShapeDtypeStruct`` (a batch of 2 or more); other values (flags,
-      None) are passed as they are. For a function, its params come first.
+      ``jax.ShapeDtypeStruct`` (a batch of 2 or more where the model takes a
+      batch; one example for an Equinox module that takes one); other values
+      (flags, None) are passed as they are. For a function, its params come
+      first.
     method: the method to call, as linen's ``apply`` takes it: a name, or a
       function ``f(model, *inputs)``; None calls the model.
     rngs: linen only: the rngs of ``init`` and ``apply``.
@@ -325,5 +338,6 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
       program = _nnx(model, rebuild, method)
     else:
       program = _equinox(model, rebuild, method)
-  closed = _trace(program, arrays, type(model).__name__, given)
+  hint = _EQUINOX_HINT if framework == "equinox" else None
+  closed = _trace(program, arrays, type(model).__name__, given, hint)
   return _rules(program, closed)
