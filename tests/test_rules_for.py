@@ -344,6 +344,29 @@ def test_learned_tokens_are_inputs_and_their_projection_a_weight():
   assert rules["cls"].axes is None and rules["head"].axes == (0,)
 
 
+@pytest.mark.parametrize(
+  "expand",
+  [
+    lambda t, n: jnp.tile(t, [n, 1, 1]),  # big_vision's MAP head
+    lambda t, n: jnp.repeat(t, n, axis=0),
+    lambda t, n: jnp.broadcast_to(t, (n, *t.shape[1:])),
+  ],
+  ids=["tile", "repeat", "broadcast_to"],
+)
+def test_a_learned_query_repeated_over_the_batch_is_an_input(expand):
+  class MapHead(nn.Module):  # attention pooling: one learned probe attends to the tokens
+    @nn.compact
+    def __call__(self, x):
+      probe = self.param("probe", nn.initializers.normal(), (1, 1, x.shape[-1]))
+      return nn.MultiHeadDotProductAttention(num_heads=2, name="mha")(expand(probe, len(x)), x)
+
+  rules = {r.path: r for r in optax_gc.rules_for(MapHead(), zeros(2, 5, 4))}
+  assert rules["params/probe"].axes is None and rules["params/probe"].kind == "untouched"
+  for name in ("query", "key", "value"):
+    assert rules[f"params/mha/{name}/kernel"].axes == (0,), name
+  assert rules["params/mha/out/kernel"].axes == (0, 1)
+
+
 def test_what_the_program_cannot_say_is_undecided():
   def kernel(x_ref, w_ref, o_ref):
     o_ref[...] = x_ref[...] @ w_ref[...]
@@ -438,6 +461,30 @@ def test_linen_nn_jit_and_remat_are_read_after_init():
   rules = optax_gc.rules_for(Net(), zeros(2, 4))
   plan = optax_gc.explain(jax.eval_shape(Net().init, KEY, zeros(2, 4)), rules, preset=None)
   assert plan["params/jitted/kernel"].axes == (0,) and plan["params/remat/kernel"].axes == (0,)
+
+
+def test_linen_map_variables_applied_as_its_users_apply_it():
+  """``nn.map_variables(..., init=True)`` (weight standardisation, as flax's docs show it)
+  runs ``init`` again whenever any collection is mutable: the model is applied with none."""
+
+  def standardise(variables):
+    def one(k):
+      axes = tuple(range(k.ndim - 1))
+      return (k - k.mean(axes)) / (k.std(axes) + 1e-5) if k.ndim > 1 else k
+
+    return jax.tree.map(one, variables)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      conv = nn.map_variables(nn.Conv, "params", trans_in_fn=standardise, init=True)
+      return nn.Dense(3, name="head")(conv(4, (3, 3), name="ws")(x).mean((1, 2)))
+
+  rules = {r.path: r for r in optax_gc.rules_for(Net(), zeros(2, 6, 6, 2))}
+  assert rules["params/ws/kernel"].axes == (0, 1, 2) and rules["params/head/kernel"].axes == (0,)
+  # mutable= goes to apply alone (init takes its own).
+  rules = {r.path: r for r in optax_gc.rules_for(Net(), zeros(2, 6, 6, 2), mutable=False)}
+  assert rules["params/ws/kernel"].axes == (0, 1, 2)
 
 
 def test_linen_rules_match_every_tree_form_with_dropout_and_batch_norm():

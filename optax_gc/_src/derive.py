@@ -85,14 +85,23 @@ def _input_label(dtype) -> int:
   return 0
 
 
-def _linen(model, arrays, rebuild, rngs, method) -> _Program:
+def _linen(model, arrays, rebuild, rngs, method, mutable=None) -> _Program:
+  """linen's ``apply`` on the variables ``init`` makes; ``mutable`` is apply's.
+
+  By default every collection but the parameters is mutable (batch statistics
+  in training, a decoding cache); a ``mutable=`` keyword goes to ``apply``
+  alone.
+  """
   from flax.core import DenyList
 
   if rngs is None:
     rngs = jax.random.key(0)  # linen hands the params stream's key to every stream
+  if mutable is None:
+    mutable = DenyList("params")
 
   def init(arrays):
     args, kwargs = rebuild(arrays)
+    kwargs.pop("mutable", None)
     return model.init(rngs, *args, method=method, **kwargs)
 
   variables = jax.eval_shape(init, arrays)
@@ -102,7 +111,7 @@ def _linen(model, arrays, rebuild, rngs, method) -> _Program:
 
   def fn(params, state, arrays):
     args, kwargs = rebuild(arrays)
-    kwargs = {"mutable": DenyList("params"), **kwargs}
+    kwargs = {**kwargs, "mutable": kwargs.get("mutable", mutable)}
     return model.apply({**params, **state}, *args, rngs=apply_rngs, method=method, **kwargs)
 
   return _Program(fn, params, state, _labels(state))
@@ -258,8 +267,10 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
 
   - linen ``nn.Module``: ``model.init(rngs, *inputs, method=method, **kwargs)``
     is traced with ``jax.eval_shape`` for the variables, then
-    ``model.apply`` on them. ``rngs`` (a key or a dict of keys) defaults to
-    one key, which linen hands to every stream.
+    ``model.apply`` on them with every collection but the parameters mutable
+    (or none, where that fails, as ``nn.map_variables(..., init=True)`` does;
+    a ``mutable=`` keyword goes to ``apply`` alone). ``rngs`` (a key or a
+    dict of keys) defaults to one key, which linen hands to every stream.
   - nnx ``nnx.Module`` (real, or from ``nnx.eval_shape``): the module merged
     from its state and called on ``inputs``.
   - Equinox ``eqx.Module``: ``model(*inputs, **kwargs)``.
@@ -339,5 +350,19 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
     else:
       program = _equinox(model, rebuild, method)
   hint = _EQUINOX_HINT if framework == "equinox" else None
-  closed = _trace(program, arrays, type(model).__name__, given, hint)
+  try:
+    closed = _trace(program, arrays, type(model).__name__, given, hint)
+  except Exception:
+    if framework != "linen" or "mutable" in kwargs:
+      raise
+    # Some transforms (nn.map_variables(..., init=True)) take any mutable
+    # collection for an init: apply as a user does, with nothing mutable.
+    program = _linen(model, arrays, rebuild, rngs, method, mutable=False)
+    try:
+      closed = _trace(program, arrays, type(model).__name__, given)
+    except Exception:
+      pass
+    else:
+      return _rules(program, closed)
+    raise
   return _rules(program, closed)

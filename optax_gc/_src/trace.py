@@ -945,9 +945,14 @@ def _replicated(eqn, vals: Sequence[Val]) -> list[frozenset[int]]:
     remaining = [i for i in range(len(src)) if i not in gone]
     return [frozenset(j for j, i in enumerate(remaining) if i in rep)]
   if name == "reshape" and p.get("dimensions") is None:
-    spans = _reshape_axes(tuple(frozenset({i}) for i in range(len(src))), src, out)
+    # Size-1 axes merged into a group do not make it vary (jnp.repeat of a token).
+    spans = _reshape_axes(
+      tuple(frozenset({i} if src[i] > 1 else ()) for i in range(len(src))), src, out
+    )
     return [frozenset(j for j, span in enumerate(spans) if span and span <= rep)]
-  if name in ("slice", "dynamic_slice", "pad", "rev", "tile"):
+  if name == "tile":  # a size-1 axis tiled is constant along it
+    return [rep | {i for i, r in enumerate(p["reps"]) if r > 1 and src[i] == 1}]
+  if name in ("slice", "dynamic_slice", "pad", "rev"):
     return [rep]
   if name == "dot_general":
     (lc, rc), (lb, rb) = p["dimension_numbers"]
