@@ -367,6 +367,24 @@ def test_a_learned_query_repeated_over_the_batch_is_an_input(expand):
   assert rules["params/mha/out/kernel"].axes == (0, 1)
 
 
+def test_an_opaque_function_of_a_weight_alone_decides_nothing_until_it_meets_data():
+  """Glow's 1x1 convolution adds log|det W| to its log-likelihood: W's contraction decides.
+
+  What an opaque kernel makes of a parameter that then multiplies the data
+  (``x @ qr(a)``) cannot be read: undecided.
+  """
+
+  def fn(p, x):
+    y = jnp.einsum("btc,cd->btd", x, p["w"])
+    logdet = y.shape[1] * jnp.linalg.slogdet(p["w"])[1]
+    q = jnp.linalg.qr(p["a"])[0]  # an orthogonal weight, parametrised
+    return (y @ q).sum() + logdet
+
+  rules = read(fn, {"w": zeros(4, 4), "a": zeros(4, 4)}, zeros(2, 5, 4))
+  assert rules["w"].axes == (0,) and rules["w"].kind == "contraction"
+  assert rules["a"].axes is None and rules["a"].undecided and "cannot be read" in rules["a"].how
+
+
 def test_what_the_program_cannot_say_is_undecided():
   def kernel(x_ref, w_ref, o_ref):
     o_ref[...] = x_ref[...] @ w_ref[...]

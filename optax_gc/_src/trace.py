@@ -20,7 +20,10 @@ sub-program, and records what each use says:
   one-hot of token ids): a table;
 - a contraction with constants or other parameters only: nothing (a learned
   token broadcast over a batch and projected is the projection's input);
-- an opaque kernel (a Pallas call): nothing can be read.
+- an opaque kernel (a Pallas call, a linear-algebra routine) that takes the
+  parameter with data, or whose result multiplies data: nothing can be read.
+  What it makes of the parameter alone and adds to data (a log-determinant
+  added to a log-likelihood) decides nothing.
 
 Values are labelled by what they depend on (parameters, integer data, float
 data), so that a parameter stops being followed where it meets data: adding a
@@ -145,6 +148,9 @@ class Val:
   sums: frozenset[tuple[int, int]] = frozenset()
   # The parameters taken at stack entries whose contractions this value depends on.
   after: frozenset[int] = frozenset()
+  # ``(param, op)``: a value free of data computed by an opaque kernel from the
+  # parameter (a log-determinant). It decides nothing until it multiplies data.
+  opaque: frozenset[tuple[int, str]] = frozenset()
 
 
 EMPTY = Val()
@@ -353,6 +359,17 @@ class Walk:
       outs = [dataclasses.replace(o, sums=o.sums | sums) for o in outs]
     elif not (name in _CONTRACTIONS or _sub_jaxprs(eqn)):
       outs = [dataclasses.replace(o, sums=frozenset()) if o.sums else o for o in outs]
+    opaque = frozenset().union(*(val.opaque for val in vals))
+    if opaque:
+      multiplies = name in ("mul", "div") or name in _CONTRACTIONS
+      if any(is_data(val.label) for val in vals) and (
+        multiplies or (name not in _KNOWN and not _sub_jaxprs(eqn))
+      ):
+        self._opaque_uses(opaque)  # expm(a) @ x: a's fan-in cannot be read
+      # An opaque value added to data (a log-determinant to a loss) is done with.
+      outs = [
+        o if is_data(o.label) else dataclasses.replace(o, opaque=o.opaque | opaque) for o in outs
+      ]
     if not after:
       return outs
     return [dataclasses.replace(o, after=o.after | after) for o in outs]
@@ -429,10 +446,18 @@ class Walk:
     return [Val(label=label) for label in self._labels(eqn, vals)]
 
   def _opaque(self, eqn, vals: Sequence[Val]) -> list[Val]:
-    for val in vals:
-      for view in val.views:
-        self._use(view.param, Use("opaque", eqn.primitive.name, self.where))
-    return self._plain(eqn, vals)
+    """A kernel the walk cannot read: a use of each parameter in it, once it meets data."""
+    name = eqn.primitive.name
+    found = {(view.param, name) for val in vals for view in val.views}
+    outs = self._plain(eqn, vals)
+    if any(is_data(val.label) or is_int_data(val.label) for val in vals):
+      self._opaque_uses(found)
+      return outs
+    return [dataclasses.replace(o, opaque=o.opaque | found) for o in outs]
+
+  def _opaque_uses(self, found) -> None:
+    for param, op in found:
+      self._use(param, Use("opaque", op, self.where))
 
   def _eqn(self, eqn, vals: list[Val], live: bool, live_vars: set) -> list[Val]:
     name = eqn.primitive.name
@@ -910,6 +935,7 @@ def _merge(vals: Sequence[Val]) -> Val:
     frozenset.intersection(*(val.replicated for val in vals)),
     _union(val.sums for val in vals),
     _union(val.after for val in vals),
+    frozenset().union(*(val.opaque for val in vals)),
   )
 
 
