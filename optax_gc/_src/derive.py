@@ -349,9 +349,9 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
       program = _nnx(model, rebuild, method)
     else:
       program = _equinox(model, rebuild, method)
-  hint = _EQUINOX_HINT if framework == "equinox" else None
+  note = _EQUINOX_HINT if framework == "equinox" else None
   try:
-    closed = _trace(program, arrays, type(model).__name__, given, hint)
+    closed = _trace(program, arrays, type(model).__name__, given, note)
   except Exception:
     if framework != "linen" or "mutable" in kwargs:
       raise

@@ -355,7 +355,7 @@ class Walk:
     if name in _SUMS_OF_OUTPUTS and self.recording:
       self._summed_entries(vals)
     if name in _SUMS_OF_OUTPUTS or name in _MOVES:
-      sums = _union(val.sums for val in vals)
+      sums = frozenset().union(*(val.sums for val in vals))
       outs = [dataclasses.replace(o, sums=o.sums | sums) for o in outs]
     elif not (name in _CONTRACTIONS or _sub_jaxprs(eqn)):
       outs = [dataclasses.replace(o, sums=frozenset()) if o.sums else o for o in outs]
@@ -933,7 +933,7 @@ def _merge(vals: Sequence[Val]) -> Val:
     label,
     tuple(dict.fromkeys(p for val in vals for p in val.products)),
     frozenset.intersection(*(val.replicated for val in vals)),
-    _union(val.sums for val in vals),
+    frozenset().union(*(val.sums for val in vals)),
     _union(val.after for val in vals),
     frozenset().union(*(val.opaque for val in vals)),
   )
