@@ -320,13 +320,20 @@ def test_weight_standardisation_and_weight_norm_are_followed():
 def test_lookups_by_data_are_tables_and_tied_embeddings_stay_tables():
   def fn(p, ids):
     h = p["embed"][ids] + jax.nn.one_hot(ids, 10) @ p["onehot"]
+    h = h + (jax.nn.one_hot(ids, 10) * 0.5) @ p["scaled"]  # a constant keeps it a one-hot
     h = h + jnp.take(p["pos"], jnp.arange(ids.shape[1]), axis=0)  # positions: no data
     return h @ p["embed"].T
 
-  params = {"embed": zeros(10, 4), "onehot": zeros(10, 4), "pos": zeros(5, 4)}
+  params = {
+    "embed": zeros(10, 4),
+    "onehot": zeros(10, 4),
+    "scaled": zeros(10, 4),
+    "pos": zeros(5, 4),
+  }
   rules = read(fn, params, zeros(2, 5, dtype=jnp.int32))
   assert rules["embed"].kind == "table" and rules["embed"].axes is None
-  assert rules["onehot"].kind == "table" and "integer data" in rules["onehot"].how
+  for name in ("onehot", "scaled"):
+    assert rules[name].kind == "table" and "integer data" in rules[name].how, name
   assert rules["pos"].kind == "untouched"
 
 

@@ -419,13 +419,17 @@ class Walk:
     label = 0
     for val in vals:
       label |= val.label
+    # Integers, or values made of integers alone, with constants at most (a
+    # one-hot scaled by 0.5 is still a one-hot).
+    integral = [
+      bool(val.label & DISCRETE) or _is_int(getattr(v.aval, "dtype", None))
+      for v, val in zip(eqn.invars, vals, strict=True)
+    ]
     discrete = (
       not label & (PARAM | FLOAT)
       and eqn.primitive.name in _INTEGRAL
-      and all(
-        val.label & DISCRETE or _is_int(getattr(v.aval, "dtype", None))
-        for v, val in zip(eqn.invars, vals, strict=True)
-      )
+      and any(integral)
+      and all(i or not val.label for i, val in zip(integral, vals, strict=True))
     )
     label = (label & ~DISCRETE) | (DISCRETE if discrete else 0)
     if label & INT and not discrete:  # sin(t * freqs) of an integer t: float data now
