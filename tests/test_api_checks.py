@@ -110,3 +110,18 @@ def test_linear_transpose_of_gc_is_gc_a_symmetric_projection():
   # and still saturates instead of overflowing
   big = {"lin": jnp.array([[3e38, 1.0], [-3e38, 2.0], [3e38, 3.0]], jnp.float32)}
   assert bool(jnp.all(jnp.isfinite(optax_gc.centralize().update(big, None)[0]["lin"])))
+
+
+def test_explains_footer_sends_a_user_where_the_answer_is():
+  """Undecided leaves from rules_for need rules of one's own; the preset's, rules_for."""
+
+  def fn(p, x):
+    return jnp.tanh(x @ p["tied"]) @ p["tied"].T  # two uses that disagree: undecided
+
+  params = {"tied": jnp.zeros((4, 3))}
+  derived = str(optax_gc.explain(params, optax_gc.rules_for(fn, params, jnp.ones((2, 4)))))
+  assert "?: 1 leaves left unchanged, undecided" in derived
+  assert "give them rules of your own" in derived and "reads them" not in derived
+  preset = str(optax_gc.explain({"gating_einsum": jnp.zeros((2, 4, 8))}))
+  assert "?: 1 leaves left unchanged, undecided" in preset
+  assert "optax_gc.rules_for(model) reads them" in preset
