@@ -17,6 +17,8 @@ import pytest
 
 import optax_gc
 
+pytestmark = pytest.mark.long  # a tiny run of every part
+
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

@@ -36,7 +36,8 @@ def kernel_and_axes(draw):
   return g, tuple(sorted(axes))
 
 
-PROPS = settings(max_examples=60, deadline=None)
+# Each example compiles its own shapes: 30 random kernels and axes per property.
+PROPS = settings(max_examples=30, deadline=None)
 
 
 @PROPS

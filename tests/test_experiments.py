@@ -87,6 +87,7 @@ for folder, argv in json.loads(sys.argv[1]).items():
 """
 
 
+@pytest.mark.long
 def test_smoke_run_of_every_config(tmp_path, subtests):
   """Every config trains (SMOKE_RUNS) and writes its run, in one process that compiles fast.
 

@@ -22,6 +22,8 @@ import pytest
 from helpers import with_host_device_count
 from multihost_worker import CHECKS, LOCAL_DEVICES, PROCESSES
 
+pytestmark = pytest.mark.long  # two processes of one job
+
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 120  # a passing run takes about 10 s
 # Once one process has failed, the other may wait on it in a collective (or in

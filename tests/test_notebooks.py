@@ -7,6 +7,8 @@ import pytest
 from helpers import FAST_COMPILE_FLAG
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.long  # a Jupyter kernel per notebook
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 

@@ -149,6 +149,7 @@ def test_report_command_line(tmp_path, capsys):
   assert e.value.code == 2 and "no metrics.json" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_installed_from_a_wheel_python_dash_m_runs_the_runner_from_any_folder(tmp_path):
   """``python -m optax_gc.experiments``, from a wheel's install, finds its configs and trains."""
   dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "work"

@@ -24,6 +24,8 @@ from helpers import fast_compile_env
 import optax_gc.experiments
 from optax_gc.experiments import cli, report
 
+pytestmark = pytest.mark.long  # a process per fault
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
   "--config=mnist1d_mlp",

@@ -4,6 +4,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.long  # mypy
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 

@@ -124,7 +124,7 @@ def test_centralize_with_rules_for_applies_the_table(case):
     lambda leaf: jnp.asarray(rng.standard_normal(np.shape(leaf)), jnp.float32), tree
   )
   tx = optax_gc.centralize(_rules(case), preset=case.preset)
-  out = flat(tx.update(grads, tx.init(grads))[0])
+  out = flat(jax.jit(tx.update)(grads, tx.init(grads))[0])
   for path, g in flat(grads).items():
     g = np.asarray(g)
     np.testing.assert_allclose(
