@@ -1,14 +1,13 @@
 """optax_gc: Gradient Centralization for optax, each leaf's fan-in read from the model or a rule."""
 
 from optax_gc._src.derive import rules_for
+from optax_gc._src.factored import FactoredRmsState, scale_by_factored_rms
 from optax_gc._src.optimizers import AdamWReference, adam_gc, adamw_gc, sgd_gc
 from optax_gc._src.plan import Plan, Row, explain
 from optax_gc._src.roles import (
-  FactoredRmsState,
   fan_sizes,
   galore_dimension_numbers,
   muon_dimension_numbers,
-  scale_by_factored_rms,
   scanned_layers,
 )
 from optax_gc._src.rules import Axes, LayerRule, LayerRules, Preset, Rule, RulesLike

@@ -4,7 +4,6 @@ conftest.py imports this module to set ``XLA_FLAGS`` before anything imports
 jax, so jax is imported only inside the functions that need it.
 """
 
-import os
 import re
 
 import numpy as np
@@ -24,18 +23,6 @@ def with_host_device_count(xla_flags: str, count: int) -> str:
   """
   kept = [f for f in xla_flags.split() if f.split("=")[0] != DEVICE_COUNT_FLAG]
   return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={count}"])
-
-
-def fast_compile_env(env=None) -> dict:
-  """``env`` (default: ``os.environ``) with :data:`FAST_COMPILE_FLAG` added to ``XLA_FLAGS``.
-
-  For the processes that tests start to check what a program does (its output, its
-  files, its answer to a signal, its exit status): compiling is most of a short run's
-  time there, and none of that depends on how fast the compiled code runs.
-  """
-  env = dict(os.environ if env is None else env)
-  env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(), FAST_COMPILE_FLAG])
-  return env
 
 
 def np_centre(g, axes, strength=1.0):

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import fast_compile_env, flat
+from helpers import flat
 
 import optax_gc
 from optax_gc.experiments import cli, data, report, train
@@ -108,7 +108,6 @@ def test_smoke_run_of_every_config(tmp_path, subtests):
     ]
   result = subprocess.run(
     [sys.executable, "-c", SMOKE_SCRIPT, json.dumps(argvs)],
-    env=fast_compile_env(),
     capture_output=True,
     text=True,
   )

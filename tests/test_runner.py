@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fast_compile_env
 
 from optax_gc.experiments import cli, report, sweep, train
 
@@ -159,7 +158,7 @@ def test_installed_from_a_wheel_python_dash_m_runs_the_runner_from_any_folder(tm
   (wheel,) = dist.glob("*.whl")
   assert any(n.startswith("optax_gc/configs/") for n in zipfile.ZipFile(wheel).namelist())
   subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
-  env = fast_compile_env(dict(os.environ, PYTHONPATH=str(site)))
+  env = dict(os.environ, PYTHONPATH=str(site))
   # Where `-m` looks the package up, from the same folder and environment: the wheel's copy.
   where = subprocess.run(
     [

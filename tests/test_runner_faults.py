@@ -19,7 +19,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import fast_compile_env
 
 import optax_gc.experiments
 from optax_gc.experiments import cli, report
@@ -53,7 +52,6 @@ class _Process:
     self.proc = subprocess.Popen(
       [sys.executable, "-c", before + MAIN, *args],
       cwd=cwd,
-      env=fast_compile_env(),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -352,7 +352,7 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
   note = _EQUINOX_HINT if framework == "equinox" else None
   try:
     closed = _trace(program, arrays, type(model).__name__, given, note)
-  except Exception:
+  except Exception as error:
     if framework != "linen" or "mutable" in kwargs:
       raise
     # Some transforms (nn.map_variables(..., init=True)) take any mutable
@@ -361,8 +361,5 @@ def rules_for(model, *inputs, method=None, rngs=None, **kwargs) -> LayerRules:
     try:
       closed = _trace(program, arrays, type(model).__name__, given)
     except Exception:
-      pass
-    else:
-      return _rules(program, closed)
-    raise
+      raise error from None
   return _rules(program, closed)

@@ -1,7 +1,7 @@
 """The fan-in sum of one leaf, ``sum(g * scale, axes)`` in float32 or wider, per backend.
 
 GPUs and TPUs fuse a plain reduction into one read of the leaf. XLA:CPU does
-not (jax 0.10): its reduction writes a full-size temporary, an extra pass over
+not: its reduction writes a full-size temporary, an extra pass over
 memory, so on XLA:CPU large leaves take the sum as a dot with a constant. The
 choice is made at lowering time (``lax.platform_dependent``), so a step
 exported or compiled ahead of time for a TPU from a CPU host gets the TPU form.

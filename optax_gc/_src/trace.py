@@ -37,7 +37,8 @@ import dataclasses
 import functools
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
@@ -209,7 +210,10 @@ def _floating(v) -> bool:
   return not isinstance(v, Literal) and dtype is not None and _is_float(dtype)
 
 
-def _union(sets) -> frozenset[int]:
+T = TypeVar("T")
+
+
+def _union(sets: Iterable[frozenset[T]]) -> frozenset[T]:
   return frozenset().union(*sets)
 
 
@@ -355,11 +359,11 @@ class Walk:
     if name in _SUMS_OF_OUTPUTS and self.recording:
       self._summed_entries(vals)
     if name in _SUMS_OF_OUTPUTS or name in _MOVES:
-      sums = frozenset().union(*(val.sums for val in vals))
+      sums = _union(val.sums for val in vals)
       outs = [dataclasses.replace(o, sums=o.sums | sums) for o in outs]
     elif not (name in _CONTRACTIONS or _sub_jaxprs(eqn)):
       outs = [dataclasses.replace(o, sums=frozenset()) if o.sums else o for o in outs]
-    opaque = frozenset().union(*(val.opaque for val in vals))
+    opaque = _union(val.opaque for val in vals)
     if opaque:
       multiplies = name in ("mul", "div") or name in _CONTRACTIONS
       if any(is_data(val.label) for val in vals) and (
@@ -937,9 +941,9 @@ def _merge(vals: Sequence[Val]) -> Val:
     label,
     tuple(dict.fromkeys(p for val in vals for p in val.products)),
     frozenset.intersection(*(val.replicated for val in vals)),
-    frozenset().union(*(val.sums for val in vals)),
+    _union(val.sums for val in vals),
     _union(val.after for val in vals),
-    frozenset().union(*(val.opaque for val in vals)),
+    _union(val.opaque for val in vals),
   )
 
 
