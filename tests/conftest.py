@@ -25,8 +25,9 @@ os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the whole run: the same small programs are compiled
 # in both pytest-xdist workers and in the processes tests start, which inherit
-# this environment. The process that makes the folder (pytest's main one) removes
-# it when the run ends.
+# this environment. jax writes its entries without a lock; one read half written
+# is compiled again (pyproject.toml's filterwarnings lets its warning pass). The
+# process that makes the folder (pytest's main one) removes it when the run ends.
 _CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="optax_gc-jax-")

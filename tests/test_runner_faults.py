@@ -99,7 +99,15 @@ def _lines(err: str) -> list[str]:
 
 
 def _limited(size: int) -> str:
-  return f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size}))\n"
+  """Code that caps the size of every file the process writes, before jax is imported.
+
+  The process leaves the run's compilation cache (conftest.py) alone: an entry cut
+  short by the cap would be read, damaged, by the processes after it.
+  """
+  return (
+    "import os, resource; os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)\n"
+    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size}))\n"
+  )
 
 
 def test_results_that_cannot_be_written_are_printed_and_the_file_named(tmp_path):
